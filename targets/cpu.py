@@ -1,0 +1,95 @@
+"""CPU target: prefill and decode steps exported with torch.export and compiled ahead of
+time by AOTInductor into .pt2 packages (a compiled .so inside), weights kept outside the
+package so the runtime mmaps them from the bundle's safetensors.
+"""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from arle_models import CausalLM
+from arle_runtime.errors import ArleError
+
+from .base import Lowered, ShapePlan
+
+SUPPORTED_QUANTS = ("fp32", "bf16", "fp16", "int8", "int4")
+
+
+def example_inputs(model: CausalLM, batch: int, tokens: int, past: int):
+    cfg = model.config
+    cache = torch.zeros(cfg.num_layers, batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=model.compute_dtype)
+    return (
+        torch.zeros(batch, tokens, dtype=torch.long),
+        torch.zeros(batch, tokens, dtype=torch.long),
+        cache,
+        cache.clone(),
+        torch.zeros(batch, dtype=torch.long),
+        torch.zeros(batch, dtype=torch.long),
+    )
+
+
+def step_dynamic_shapes(plan: ShapePlan, prefill: bool):
+    batch = Dim("batch", min=1, max=plan.max_batch)
+    past = Dim("past", min=0, max=plan.max_context - 1)
+    if prefill:
+        tokens = Dim("tokens", min=1, max=plan.max_prefill_tokens)
+        tok = {0: batch, 1: tokens}
+    else:
+        tok = {0: batch}
+    return (tok, tok, {1: batch, 3: past}, {1: batch, 3: past}, {0: batch}, {0: batch})
+
+
+def program_ranges(plan: ShapePlan, prefill: bool) -> dict:
+    return {
+        "batch": [1, plan.max_batch],
+        "tokens": [1, plan.max_prefill_tokens] if prefill else [1, 1],
+        "past": [0, plan.max_context - 1],
+        "context": plan.max_context,
+    }
+
+
+def export_step(model: CausalLM, plan: ShapePlan, prefill: bool) -> torch.export.ExportedProgram:
+    # Example sizes above 1 keep torch.export from specializing a dynamic dim to 1.
+    args = example_inputs(model, batch=2, tokens=3 if prefill else 1, past=5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, args, dynamic_shapes=step_dynamic_shapes(plan, prefill), strict=False)
+
+
+class CpuTarget:
+    name = "cpu"
+
+    def check(self, quant_scheme: str) -> None:
+        if quant_scheme not in SUPPORTED_QUANTS:
+            raise ArleError(
+                f"The cpu target does not support --quant {quant_scheme}; choose one of {', '.join(SUPPORTED_QUANTS)}."
+            )
+
+    def lower(self, model: CausalLM, plan: ShapePlan, out_dir: Path, progress) -> Lowered:
+        programs, files = {}, []
+        (out_dir / "cpu").mkdir(parents=True, exist_ok=True)
+        for name, prefill in (("prefill", True), ("decode", False)):
+            progress(f"export {name}")
+            exported = export_step(model, plan, prefill)
+            progress(f"compile {name} (AOTInductor)")
+            path = out_dir / "cpu" / f"{name}.pt2"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch._inductor.aoti_compile_and_package(
+                    exported,
+                    package_path=str(path),
+                    inductor_configs={"aot_inductor.package_constants_in_so": False},
+                )
+            programs[name] = {"path": f"cpu/{name}.pt2", "format": "aoti", **program_ranges(plan, prefill)}
+            files.append(path)
+        requirements = {
+            "torch": torch.__version__.split("+")[0],
+            "machine": platform.machine(),
+            "system": platform.system().lower(),
+        }
+        return Lowered(executor="aoti", programs=programs, requirements=requirements, files=files)
