@@ -8,12 +8,12 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from arle_runtime.bundle import MANIFEST_NAME, sha256_file
+from arle_runtime.bundle import MANIFEST_NAME, PAD_PREFIX, WEIGHT_ALIGNMENT, sha256_file
 from arle_runtime.errors import ArleError
 
 
@@ -53,10 +53,44 @@ def model_constants(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], di
     return tensors, tied
 
 
+def save_aligned_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A standard safetensors file in which every tensor starts on a 64-byte boundary of
+    the file (hence of the page-aligned mmap), so compiled kernels can read the weights in
+    place. The format allows no holes, so gaps are filled by small u8 tensors named
+    PAD_PREFIX*, which readers skip."""
+    header: dict = {"__metadata__": {"format": "pt", "alignment": str(WEIGHT_ALIGNMENT)}}
+    blobs: list[bytes] = []
+    offset = 0
+    for i, (name, t) in enumerate(tensors.items()):
+        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        pad = -offset % WEIGHT_ALIGNMENT
+        if pad:
+            header[f"{PAD_PREFIX}{i}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}
+            blobs.append(bytes(pad))
+            offset += pad
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % WEIGHT_ALIGNMENT)  # data starts on the boundary too
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+
+
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
 def write_weights(model: torch.nn.Module, root: Path) -> dict:
     tensors, tied = model_constants(model)
     (root / "weights").mkdir(exist_ok=True)
-    save_file(tensors, str(root / "weights" / "model.safetensors"), metadata={"format": "pt"})
+    save_aligned_safetensors(tensors, root / "weights" / "model.safetensors")
     return {"path": "weights/model.safetensors", "tied": tied, "count": len(tensors) + len(tied)}
 
 

@@ -32,8 +32,9 @@ class QuantSpec:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        # The CPU kernels for int8/int4 weights are fastest and exact with fp32 activations.
-        return FLOAT_DTYPES.get(self.scheme, torch.float32)
+        # ATen's CPU int8/int4 weight-only kernels have fast paths (AVX512-BF16) only for
+        # bf16 activations: measured 20-40x slower with fp32 ones (docs/performance.md).
+        return FLOAT_DTYPES.get(self.scheme, torch.bfloat16)
 
     @property
     def bits(self) -> int:
@@ -75,20 +76,22 @@ def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return q, scales_and_zeros
 
 
-def _int8_linear(linear: nn.Linear) -> Int8Linear:
-    mod = Int8Linear(linear.in_features, linear.out_features)
-    mod.weight, mod.scales = quantize_int8_rows(linear.weight.data)
+def _int8_linear(linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
+    mod = Int8Linear(linear.in_features, linear.out_features, dtype)
+    mod.weight, scales = quantize_int8_rows(linear.weight.data)
+    mod.scales = scales.to(dtype)
     return mod
 
 
-def _int4_linear(linear: nn.Linear, group_size: int) -> Int4Linear:
+def _int4_linear(linear: nn.Linear, group_size: int, dtype: torch.dtype) -> Int4Linear:
     if linear.in_features % group_size:
         raise ArleError(
             f"int4 with group size {group_size} needs every layer's input width to be a multiple of it, "
             f"but one is {linear.in_features}; pass a smaller --group-size."
         )
-    mod = Int4Linear(linear.in_features, linear.out_features, group_size)
-    q, mod.scales_and_zeros = quantize_int4_groups(linear.weight.data, group_size)
+    mod = Int4Linear(linear.in_features, linear.out_features, group_size, dtype)
+    q, scales_and_zeros = quantize_int4_groups(linear.weight.data, group_size)
+    mod.scales_and_zeros = scales_and_zeros.to(dtype)
     mod.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     return mod
 
@@ -99,19 +102,21 @@ def quantize_model(model: CausalLM, quant: QuantSpec) -> CausalLM:
         return model.to(FLOAT_DTYPES[quant.scheme])
     if any(linear.bias is not None for linear in _linears(model)):
         raise ArleError(f"{quant.scheme} quantization of layers with a bias is not supported yet; use a float quant.")
-    model.float()
+    dtype = quant.compute_dtype
+    # Quantize from the float32 source weights, then cast what stays float (norms).
     for parent, name, linear in list(_decoder_linears(model)):
-        new = _int8_linear(linear) if quant.scheme == "int8" else _int4_linear(linear, quant.group_size)
+        new = _int8_linear(linear, dtype) if quant.scheme == "int8" else _int4_linear(linear, quant.group_size, dtype)
         setattr(parent, name, new)
-    embedding = Int8Embedding(model.config.vocab_size, model.config.hidden_size)
-    embedding.weight, embedding.scales = quantize_int8_rows(model.embed_tokens.weight.data)
+    embedding = Int8Embedding(model.config.vocab_size, model.config.hidden_size, dtype)
+    embedding.weight, scales = quantize_int8_rows(model.embed_tokens.weight.data)
+    embedding.scales = scales.to(dtype)
     if model.config.tie_word_embeddings:
-        head = Int8Linear(model.config.hidden_size, model.config.vocab_size)
+        head = Int8Linear(model.config.hidden_size, model.config.vocab_size, dtype)
         head.weight, head.scales = embedding.weight, embedding.scales
     else:
-        head = _int8_linear(model.lm_head)
+        head = _int8_linear(model.lm_head, dtype)
     model.embed_tokens, model.lm_head = embedding, head
-    return model
+    return model.to(dtype)
 
 
 def _linears(model):

@@ -21,7 +21,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales.to(x.dtype))
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
         return out.reshape(*shape[:-1], self.out_features)
 
 
@@ -40,7 +40,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]), self.weight, self.group_size, self.scales_and_zeros.to(x.dtype)
+            x.reshape(-1, shape[-1]), self.weight, self.group_size, self.scales_and_zeros
         )
         return out.reshape(*shape[:-1], self.out_features)
 

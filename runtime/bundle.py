@@ -23,6 +23,8 @@ from .errors import ArleError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+PAD_PREFIX = "__arle_pad_"  # alignment filler tensors in weights files
+WEIGHT_ALIGNMENT = 64  # bytes; ATen's AVX-512 int8 weight-only matmul faults on less
 
 
 def sha256_file(path: Path) -> str:
@@ -126,7 +128,12 @@ class Bundle:
         tensors = {}
         with safe_open(str(self.root / w["path"]), framework="pt") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+                if name.startswith(PAD_PREFIX):
+                    continue
+                t = f.get_tensor(name)
+                # Compiled kernels may use aligned vector loads; arlec aligns every tensor,
+                # a file written by other tools may not be, and then we copy.
+                tensors[name] = t if t.data_ptr() % WEIGHT_ALIGNMENT == 0 else t.clone()
         for alias, source in w.get("tied", {}).items():
             tensors[alias] = tensors[source]
         return tensors

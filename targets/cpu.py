@@ -5,6 +5,7 @@ package so the runtime mmaps them from the bundle's safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import warnings
 from pathlib import Path
@@ -61,6 +62,32 @@ def export_step(model: CausalLM, plan: ShapePlan, prefill: bool) -> torch.export
         return torch.export.export(model, args, dynamic_shapes=step_dynamic_shapes(plan, prefill), strict=False)
 
 
+@contextlib.contextmanager
+def aten_fallbacks(ops):
+    """Compile these ops as plain calls to their ATen kernels instead of Inductor's lowering.
+
+    Inductor lowers _weight_int4pack_mm_for_cpu by turning the group size into a tensor
+    constant it creates itself; with weights kept outside the package
+    (package_constants_in_so=False) that constant would exist nowhere, and loading fails.
+    The fallback calls the very same ATen kernel with the group size as an int.
+    """
+    from torch._inductor import lowering
+
+    saved = {op: lowering.lowerings.pop(op, None) for op in ops}
+    try:
+        for op in ops:
+            lowering.make_fallback(op, warn=False)
+        yield
+    finally:
+        for op, fn in saved.items():
+            lowering.lowerings.pop(op, None)
+            if fn is not None:
+                lowering.lowerings[op] = fn
+
+
+ATEN_FALLBACKS = (torch.ops.aten._weight_int4pack_mm_for_cpu.default,)
+
+
 class CpuTarget:
     name = "cpu"
 
@@ -78,7 +105,7 @@ class CpuTarget:
             exported = export_step(model, plan, prefill)
             progress(f"compile {name} (AOTInductor)")
             path = out_dir / "cpu" / f"{name}.pt2"
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), aten_fallbacks(ATEN_FALLBACKS):
                 warnings.simplefilter("ignore")
                 torch._inductor.aoti_compile_and_package(
                     exported,

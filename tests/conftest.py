@@ -1,0 +1,121 @@
+"""Shared fixtures. Compiled bundles are expensive (AOTInductor on 2 cores), so each is
+built once per test session and shared; tests must not modify them (copy first).
+
+ARLE_TEST_BUNDLES=DIR reuses bundles built by an earlier session in DIR (local
+iteration only; CI builds fresh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 900, env: dict | None = None):
+    """Run a console script in a subprocess (as a user would) and return CompletedProcess."""
+    exe = Path(sys.executable).parent / args[0]
+    return subprocess.run(
+        [str(exe), *args[1:]],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_clean_error(proc, pattern: str | None = None):
+    """Failed with one readable line: non-zero exit, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and "error:" in lines[-1], proc.stderr
+    if pattern:
+        assert pattern.lower() in proc.stderr.lower(), proc.stderr
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory) -> Path:
+    reuse = os.environ.get("ARLE_TEST_BUNDLES")
+    if reuse:
+        Path(reuse).mkdir(parents=True, exist_ok=True)
+        return Path(reuse)
+    return tmp_path_factory.mktemp("bundles")
+
+
+def _build(bundle_dir: Path, name: str, *args: str) -> Path:
+    out = bundle_dir / f"{name}.arle"
+    if (out / "manifest.json").is_file():
+        return out
+    proc = run_cli("arlec", "build", "--out", str(out), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory) -> Path:
+    """A random-weight Llama in Hugging Face layout, with a real byte-level BPE tokenizer
+    (SmolLM2's, truncated to the model's vocabulary is not possible, so the vocab matches it)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from arlec.sources import load_source
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    spec = load_source(None)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=spec.config.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    (path / "tokenizer.json").write_text(spec.tokenizer_json)
+    (path / "chat_template.jinja").write_text(spec.chat_template)
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(bundle_dir, tiny_hf_model) -> Path:
+    """Compiled tiny model: fast to build, used for error and range tests."""
+    return _build(bundle_dir, "tiny-fp32", "--model", str(tiny_hf_model), "--quant", "fp32", "--max-batch", "4",
+                  "--max-prefill-tokens", "32", "--max-context", "64")
+
+
+@pytest.fixture(scope="session")
+def default_bundle(bundle_dir) -> Path:
+    """The embedded default model with the default options (what the README builds)."""
+    return _build(bundle_dir, "default")
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(bundle_dir) -> Path:
+    return _build(bundle_dir, "smollm2-fp32", "--quant", "fp32")
+
+
+@pytest.fixture
+def bundle_copy(tmp_path):
+    """Copy a session bundle so a test may damage it."""
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy

@@ -1,0 +1,29 @@
+"""The serving image installs the runtime alone: it must not import the compiler side."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+FORBIDDEN = ("arlec", "arle_targets", "tvm", "onnx", "onnxruntime", "transformers")
+RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
+
+
+def test_runtime_modules_import_no_compiler_packages():
+    modules = sorted(f"arle_runtime.{p.stem}" for p in RUNTIME.glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({FORBIDDEN!r}))\n"
+        "print(','.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"runtime imported {proc.stdout.strip()}"
+
+
+def test_runtime_sources_have_no_compiler_imports():
+    import re
+
+    pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(FORBIDDEN)})\b", re.M)
+    offenders = [p.name for p in RUNTIME.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
