@@ -97,10 +97,15 @@ def reference_outputs(model, prompt_ids: list[int], new_tokens: int) -> dict[str
     }
 
 
-def logits_tolerance(quant: QuantSpec) -> float:
-    # Compiled vs eager differ only by reduction order: ~1e-5 in fp32 (seen 2.6e-5 on SmolLM2),
-    # about a unit in the last place of a ~30-magnitude logit in bf16/fp16.
-    return {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.5}[quant.compute_dtype]
+def logits_tolerance(quant: QuantSpec, reference_logits: torch.Tensor) -> float:
+    """Allowed max |compiled - eager| on the reference logits, scaled by their magnitude.
+
+    Compiled and eager differ only in fusion and reduction order: ~1e-6 relative in fp32
+    (3.8e-5 on SmolLM2's ~36-magnitude logits); in bf16 a few units in the last place
+    compound over the layers (seen 0.75 of 36 on SmolLM2 int8, i.e. 2%).
+    """
+    relative = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.05}[quant.compute_dtype]
+    return relative * float(reference_logits.abs().max())
 
 
 def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
@@ -178,7 +183,7 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
                 "reference": {
                     "path": "reference.safetensors",
                     "question": REFERENCE_QUESTION,
-                    "logits_atol": logits_tolerance(quant),
+                    "logits_atol": logits_tolerance(quant, reference["last_logits"]),
                 },
                 "provenance": {
                     "source": spec.source,

@@ -83,6 +83,13 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
 def machine_info(threads: int) -> dict:
     return {
         "cpu": cpu_name(),
@@ -96,6 +103,7 @@ def machine_info(threads: int) -> dict:
         "gguf": package_version("gguf"),
         "arle": package_version("arle"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": load_average(),
     }
 
 
@@ -132,28 +140,23 @@ def stderr_to(path: Path):
 # ---------------------------------------------------------------- prompt
 
 
-def prompt_ids(model_path: Path, n: int) -> list[int]:
-    """The first n ids of the fixed text, by the tokenizer arlec rebuilds from the GGUF."""
+def model_tokenizer(model_path: Path):
+    """The tokenizer arlec rebuilds from the GGUF's metadata (the one its bundles ship)."""
     import gguf
-
-    from arlec.sources import gguf_tokenizer
     from tokenizers import Tokenizer
 
+    from arlec.sources import gguf_tokenizer
+
     tokenizer_json, _ = gguf_tokenizer(gguf.GGUFReader(model_path), model_path)
-    ids = Tokenizer.from_str(tokenizer_json).encode(PROMPT_TEXT.read_text(), add_special_tokens=False).ids
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    """The first n ids of the fixed text, without special tokens."""
+    ids = tokenizer.encode(PROMPT_TEXT.read_text(), add_special_tokens=False).ids
     if len(ids) < n:
         raise SystemExit(f"{PROMPT_TEXT} has only {len(ids)} tokens; ask for fewer with --prompt-tokens.")
     return ids[:n]
-
-
-def detokenize(model_path: Path, ids: list[int]) -> str:
-    import gguf
-
-    from arlec.sources import gguf_tokenizer
-    from tokenizers import Tokenizer
-
-    tokenizer_json, _ = gguf_tokenizer(gguf.GGUFReader(model_path), model_path)
-    return Tokenizer.from_str(tokenizer_json).decode(ids)
 
 
 # ---------------------------------------------------------------- llama.cpp files
@@ -204,13 +207,18 @@ def tensor_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors))
 
 
+def derived_path(shipped: Path, cache: Path, tag: str) -> Path:
+    stem = shipped.name.removesuffix(".gguf").removesuffix(f".{SHIPPED_TAG}")
+    return cache / f"{stem}.{tag}.gguf"
+
+
 def derived_gguf(shipped: Path, cache: Path, tag: str, threads: int) -> tuple[Path, bool]:
-    """The path of the derived file `tag`, making it (and the F32 file it comes from) if missing."""
-    cache.mkdir(parents=True, exist_ok=True)
-    stem = shipped.name.removesuffix(".gguf").removesuffix(".Q4_1")
-    path = cache / f"{stem}.{tag}.gguf"
+    """The path of the derived file `tag` and whether it was made now (with the F32 file it comes from)."""
+    path = derived_path(shipped, cache, tag)
     if path.is_file():
         return path, False
+    print(f"deriving {path} ...", file=sys.stderr)
+    cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     if DERIVED_GGUF[tag] is None:
         write_f32_gguf(shipped, partial)
@@ -240,15 +248,6 @@ def ask_capital(path: Path, threads: int) -> str:
 # returns the greedy next token; step(token) feeds one token and returns the next.
 
 
-def inference_mode(torch, fn):
-    """fn run under torch.inference_mode (as a serving loop would)."""
-    def wrapped(arg):
-        with torch.inference_mode():
-            return fn(arg)
-
-    return wrapped
-
-
 def arle_engine(job: dict):
     import torch
 
@@ -261,10 +260,12 @@ def arle_engine(job: dict):
     torch.set_num_threads(job["threads"])
     state = {}
 
+    @torch.inference_mode()
     def prefill(ids):
         logits, state["k"], state["v"] = arle_prefill(ex, ids)
         return int(logits.argmax())
 
+    @torch.inference_mode()
     def step(token):
         pos = state["k"].shape[3]
         logits, nk, nv = ex.decode(
@@ -280,7 +281,7 @@ def arle_engine(job: dict):
 
     info = {"bundle": str(job["path"]), "quantization": bundle.manifest.get("quantization", {}),
             "kv_dtype": str(ex.kv_dtype).removeprefix("torch.")}
-    return inference_mode(torch, prefill), inference_mode(torch, step), info
+    return prefill, step, info
 
 
 def transformers_engine(job: dict):
@@ -297,17 +298,19 @@ def transformers_engine(job: dict):
     model.eval()
     state = {}
 
+    @torch.inference_mode()
     def prefill(ids):
         state["cache"] = DynamicCache(config=model.config)
         out = model(torch.tensor([ids]), past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
         return int(out.logits[0, -1].argmax())
 
+    @torch.inference_mode()
     def step(token):
         out = model(torch.tensor([[token]]), past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
         return int(out.logits[0, -1].argmax())
 
     info = {"gguf": str(path), "dtype": job["variant"], "attn_implementation": model.config._attn_implementation}
-    return inference_mode(torch, prefill), inference_mode(torch, step), info
+    return prefill, step, info
 
 
 def llama_engine(job: dict):
@@ -340,7 +343,8 @@ def llama_engine(job: dict):
         llm.eval([token])
         return greedy()
 
-    info = {"gguf": job["path"], "n_ctx": n_ctx, "tensor_types": tensor_types(Path(job["path"]))}
+    info = {"gguf": job["path"], "n_ctx": n_ctx, "n_batch": llm.n_batch, "flash_attn_type": llm.context_params.flash_attn_type,
+            "size_mib": Path(job["path"]).stat().st_size / 2**20, "tensor_types": tensor_types(Path(job["path"]))}
     return prefill, step, info
 
 
@@ -509,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     from arlec.sources import default_model_path
 
     shipped = default_model_path()
-    ids = prompt_ids(shipped, args.prompt_tokens)
+    tokenizer = model_tokenizer(shipped)
+    ids = prompt_ids(tokenizer, args.prompt_tokens)
     rows = [r for r in plan(args, shipped) if selected(r["name"], patterns)]
     if not rows:
         ap.error(f"--only {patterns} matches no row")
@@ -525,7 +530,6 @@ def main(argv: list[str] | None = None) -> int:
         if row["engine"] != "llama.cpp":
             continue
         if row["path"] is None:
-            print(f"preparing {row['variant']} GGUF in {args.gguf_cache} ...", file=sys.stderr)
             path, made = derived_gguf(shipped, args.gguf_cache, row["variant"], args.threads)
             row["path"] = str(path)
         else:
@@ -554,11 +558,16 @@ def main(argv: list[str] | None = None) -> int:
                            file=sys.stderr)
             results.append(result)
     add_ratios(results)
+    info["load_average_at_end"] = load_average()
+    for r in results:
+        if len(r.get("decode_s", [])) > 1 and max(r["decode_s"]) > 1.15 * min(r["decode_s"]):
+            print(f"warning: {r['name']} decode times vary by more than 15% over the repeats; "
+                  "is something else using the CPU?", file=sys.stderr)
 
     if args.smoke:
         for r in results:
             if "tokens" in r:
-                print(f"{r['name']:<20} continues: {detokenize(shipped, r['tokens'])!r}", file=sys.stderr)
+                print(f"{r['name']:<20} continues: {tokenizer.decode(r['tokens'])!r}", file=sys.stderr)
     print(markdown_table(results))
 
     if args.out:

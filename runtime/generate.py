@@ -112,7 +112,8 @@ def generate(
             finish = "stop"
             break
         out.append(token)
-        logprobs.append(float(lp[token]))
+        if lp is not None:
+            logprobs.append(float(lp[token]))
         state.observe(token)
         stream.push(token)
         text = stream.emitted

@@ -84,11 +84,18 @@ def apply_penalties(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, state: SamplerState) -> tuple[int, torch.Tensor]:
-    """Pick the next token from one row of logits [V]; also return log-probabilities [V]."""
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def sample(logits: torch.Tensor, state: SamplerState) -> tuple[int, torch.Tensor | None]:
+    """Pick the next token from one row of logits [V]; also return log-probabilities [V]
+    of the distribution before temperature (None unless the request asked for logprobs)."""
     p = state.params
-    logits = apply_penalties(logits.float().clone(), state)
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logits = logits.float()
+    if _uses_penalties(p):
+        logits = apply_penalties(logits.clone(), state)
+    logprobs = torch.log_softmax(logits, dim=-1) if p.logprobs is not None else None
     if p.greedy:
         return int(torch.argmax(logits)), logprobs
     logits = logits / p.temperature

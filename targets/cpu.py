@@ -6,6 +6,7 @@ package so the runtime mmaps them from the bundle's safetensors.
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import warnings
 from pathlib import Path
@@ -73,6 +74,8 @@ def aten_fallbacks(ops):
     """
     from torch._inductor import lowering
 
+    # Inductor logs a warning for each such op; the fallback is deliberate.
+    logging.getLogger("torch._inductor.ir").setLevel(logging.ERROR)
     saved = {op: lowering.lowerings.pop(op, None) for op in ops}
     try:
         for op in ops:

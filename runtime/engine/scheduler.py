@@ -1,0 +1,294 @@
+"""Who runs in the next step, and with how many tokens.
+
+First come, first served. Each step feeds at most `max_num_batched_tokens` tokens:
+every running decode first (one token each, so inter-token latency stays flat while
+long prompts arrive), then chunks of prompts already being prefilled, then newly
+admitted prompts. A long prompt is split across steps and runs beside the decodes.
+
+When a decode needs a page and none is left, the most recently arrived running
+sequence is preempted: its pages are dropped (full ones stay in the prefix cache) and
+it waits at the head of the queue to recompute prompt + output later. The earliest
+sequence is never the victim, so it always progresses; a sequence is finished with
+"length" once it would outgrow the whole pool, so nothing waits forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import ArleError
+from ..generate import check_prompt
+from .kv_pages import PageCopy, PageManager
+from .sequence import Sequence, SequenceStatus
+
+
+class QueueFullError(ArleError):
+    """Too many requests are waiting; the server answers 429/503 and the client retries."""
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"The server is busy: {limit} requests are already waiting; retry shortly.", code="queue_full"
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048  # tokens fed in one step, decodes and prefill chunks together
+    max_batch: int = 64  # sequences in one step; also the size of the running set
+    max_prefill_chunk: int = 2048  # one sequence's prefill tokens in one step (the executor's max_prefill_tokens)
+    max_context: int = 4096  # prompt + output tokens of one sequence
+    max_waiting: int = 1024  # queued requests before add() refuses
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        checks = [
+            (self.max_batch >= 1, "max_batch", "must be at least 1"),
+            # Every running sequence gets its decode token each step, budget permitting.
+            (self.max_num_batched_tokens >= self.max_batch, "max_num_batched_tokens", "must be at least max_batch"),
+            (self.max_prefill_chunk >= 1, "max_prefill_chunk", "must be at least 1"),
+            (self.max_context >= 2, "max_context", "must be at least 2"),
+            (self.max_waiting >= 1, "max_waiting", "must be at least 1"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ArleError(f"Engine setting {name} {rule}, got {getattr(self, name)!r}.", param=name)
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Feed `seq.token_ids[start : start + length]` at positions start.. (start = tokens already computed)."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start : self.start + self.length]
+
+    @property
+    def samples(self) -> bool:
+        """The last chunk of a prompt yields the next token; earlier chunks only fill the KV."""
+        return self.start + self.length == self.seq.num_tokens
+
+
+@dataclass
+class StepPlan:
+    """One step for the model runner: apply `copies`, run `decodes` (one token each, the
+    sequence's last token at position num_tokens - 1) and `prefills`, then sample one
+    token for each sequence in `sampling`, in that order."""
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    copies: list[PageCopy] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)  # informational (logs, metrics)
+    finished: list[Sequence] = field(default_factory=list)  # finished by the scheduler itself
+
+    @property
+    def sampling(self) -> list[Sequence]:
+        return self.decodes + [c.seq for c in self.prefills if c.samples]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.length for c in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one sequence did in a step: `token` was appended (None when the step ended it
+    with a stop token, or it was finished without sampling)."""
+
+    seq: Sequence
+    token: int | None
+
+    @property
+    def finished(self) -> bool:
+        return self.seq.is_finished
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pages: PageManager):
+        self.config = config
+        self.pages = pages
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._live: dict[int, Sequence] = {}
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "requests_waiting": len(self.waiting),
+            "requests_running": len(self.running),
+            "preemptions": self.num_preemptions,
+            **self.pages.stats(),
+        }
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request. Raises ArleError for a prompt that can never run and
+        QueueFullError when the queue is at its limit."""
+        assert seq.status is SequenceStatus.WAITING and seq.num_computed == 0, seq
+        check_prompt(seq.prompt_ids, self.config.max_context)
+        if seq.num_tokens > self.pages.capacity_tokens:
+            raise ArleError(
+                f"The prompt has {seq.num_tokens} tokens, but the KV cache holds {self.pages.capacity_tokens}; "
+                "shorten it or give the cache more memory.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(self.config.max_waiting)
+        self.waiting.append(seq)
+        self._live[seq.seq_id] = seq
+
+    def schedule(self) -> StepPlan:
+        """Plan the next step. This admits, preempts and allocates pages right away, so
+        run the plan and hand it to postprocess() before scheduling again (if the
+        forward pass fails, abort the plan's sequences)."""
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        for seq in sorted(self.running, key=lambda s: s.order):
+            if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed == 1 and self._reserve(seq, 1, plan):
+                plan.decodes.append(seq)
+                budget -= 1
+        for seq in sorted(self.running, key=lambda s: s.order):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed == 1:
+                continue
+            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
+            # Admission reserved the prompt's pages, so this needs none (short of a
+            # copy for a forked tail); it never preempts sequences already planned.
+            if self.pages.can_allocate(self.pages.pages_needed(seq, seq.num_computed + length)):
+                plan.copies += self.pages.prepare(seq, seq.num_computed + length)
+                plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
+                budget -= length
+        # After a preemption the pool is tight: admitting now would only evict again.
+        while self.waiting and not plan.preempted and budget and len(self.running) < self.config.max_batch:
+            seq = self.waiting[0]
+            copies = self.pages.try_admit(seq)
+            if copies is None:
+                if self.running:
+                    break  # strict FCFS: later requests wait behind the head
+                # Unreachable while add() and postprocess() keep sequences within the
+                # pool; kept so that a bookkeeping slip ends one request, not the loop.
+                self._finish(seq, "length")
+                plan.finished.append(seq)
+                continue
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            plan.copies += copies
+            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
+            plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
+            budget -= length
+        return plan
+
+    def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[StepOutput]:
+        """Record a finished step: `sampled[i]` is the token drawn for `plan.sampling[i]`.
+        Sequences aborted while the step ran are skipped."""
+        sampling = plan.sampling
+        assert len(sampled) == len(sampling), (len(sampled), len(sampling))
+        for seq in plan.decodes:
+            if not seq.is_finished:
+                seq.num_computed += 1
+        for chunk in plan.prefills:
+            if not chunk.seq.is_finished:
+                assert chunk.start == chunk.seq.num_computed, chunk
+                chunk.seq.num_computed += chunk.length
+        for seq in (*plan.decodes, *(c.seq for c in plan.prefills)):
+            if not seq.is_finished:
+                self.pages.publish(seq)
+        outputs = [StepOutput(seq, None) for seq in plan.finished]
+        for seq, token in zip(sampling, sampled):
+            if seq.is_finished:
+                continue
+            reason = self._stop_reason(seq, token)
+            appended = None if reason == "stop" else token
+            if appended is not None:
+                seq.append(token)
+                reason = self._length_reason(seq)
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(StepOutput(seq, appended))
+        return outputs
+
+    def finish(self, seq_id: int, reason: str) -> Sequence | None:
+        """End a request from outside (a stop string matched, the client went away);
+        its pages are freed at once. Returns None for an unknown or finished id."""
+        seq = self._live.get(seq_id)
+        if seq is not None:
+            self._finish(seq, reason)
+        return seq
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        return self.finish(seq_id, "abort")
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.config.eos_token_ids):
+            return "stop"
+        return None
+
+    def _length_reason(self, seq: Sequence) -> str | None:
+        # The next step writes position num_tokens - 1; past the pool it could never run.
+        if (
+            seq.num_output_tokens >= seq.params.max_tokens
+            or seq.num_tokens >= self.config.max_context
+            or seq.num_tokens > self.pages.capacity_tokens
+        ):
+            return "length"
+        return None
+
+    def _reserve(self, seq: Sequence, length: int, plan: StepPlan) -> bool:
+        """Pages for a decode's next `length` tokens, preempting later arrivals if
+        needed. False when `seq` itself had to give way."""
+        end = seq.num_computed + length
+        while not self.pages.can_allocate(self.pages.pages_needed(seq, end)):
+            victim = max(self.running, key=lambda s: s.order)
+            if victim is seq and len(self.running) == 1:
+                # It alone fills the pool (only reachable with shared pages): preempting
+                # would bring it back to the same wall.
+                self._finish(seq, "length")
+                plan.finished.append(seq)
+                return False
+            # Victims are never already in the plan: decodes are visited in arrival
+            # order, the victim is the latest arrival, and prefills come after.
+            assert victim not in plan.decodes and all(c.seq is not victim for c in plan.prefills)
+            self._preempt(victim)
+            plan.preempted.append(victim)
+            if victim is seq:
+                return False
+        plan.copies += self.pages.prepare(seq, end)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pages.release(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Victims leave latest-first and each goes to the front, so the queue stays in
+        # arrival order (everything waiting arrived after everything running).
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.pages.release(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self._live.pop(seq.seq_id, None)
