@@ -40,7 +40,7 @@ class BuildOptions:
     out: str | None = None
     force: bool = False
     max_batch: int = 8
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int | None = None  # default min(512, max_context)
     max_context: int | None = None
 
 
@@ -62,9 +62,10 @@ def shape_plan(opts: BuildOptions, spec: ModelSpec) -> ShapePlan:
             f"--max-context must be between 2 and the model's {spec.config.max_position_embeddings} positions, "
             f"got {max_context}."
         )
-    if not 1 <= opts.max_prefill_tokens <= max_context:
+    max_prefill = opts.max_prefill_tokens or min(512, max_context)
+    if not 1 <= max_prefill <= max_context:
         raise ArleError(f"--max-prefill-tokens must be between 1 and the context ({max_context}).")
-    return ShapePlan(opts.max_batch, decode_buckets(opts.max_batch), opts.max_prefill_tokens, max_context)
+    return ShapePlan(opts.max_batch, decode_buckets(opts.max_batch), max_prefill, max_context)
 
 
 def chat_prompt_ids(spec: ModelSpec, question: str) -> list[int]:
@@ -134,7 +135,7 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
         progress("quantize")
         model = build_model(spec.config)
         model.load_state_dict(spec.tensors, strict=False)
-        model.eval()
+        model.eval().fuse_projections()
         quantize_model(model, quant)
         spec.tensors.clear()  # the float copies are no longer needed
         progress("reference outputs")

@@ -26,7 +26,7 @@ def cli():
 @click.option("--out", default=None, help="Bundle folder; default build/<model>-<quant>-<target>.arle.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest decode batch.")
-@click.option("--max-prefill-tokens", default=512, show_default=True, type=int, help="Largest prefill chunk.")
+@click.option("--max-prefill-tokens", default=None, type=int, help="Largest prefill chunk; default min(512, context).")
 @click.option("--max-context", default=None, type=int, help="Longest sequence; default min(model, 4096).")
 def build(model, quant, group_size, target, out, force, max_batch, max_prefill_tokens, max_context):
     """Build a bundle."""

@@ -7,6 +7,7 @@ and generation defaults, and where it all came from.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -207,8 +208,6 @@ def load_hf_folder(path: Path) -> ModelSpec:
 
 
 def _with_eos(config: ModelConfig, eos: tuple[int, ...]) -> ModelConfig:
-    import dataclasses
-
     return dataclasses.replace(config, eos_token_ids=eos)
 
 

@@ -1,15 +1,17 @@
-"""A loaded bundle ready to answer: executor, tokenizer, chat template, stop tokens."""
+"""A loaded bundle ready to answer: executor, tokenizer, chat template, stop tokens, and
+the one engine that `run`, the server and the agent all generate through."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundle import Bundle, load_bundle
 from .chat import ChatTemplate
 from .errors import ArleError
 from .executor import Executor, load_executor
-from .generate import GenerationResult, generate
+from .engine import BackgroundEngine, Engine, EngineConfig
+from .generate import GenerationResult
 from .sampler import SamplingParams
 
 
@@ -18,16 +20,37 @@ class Session:
     bundle: Bundle
     executor: Executor
     template: ChatTemplate | None
+    engine_config: EngineConfig = field(default_factory=EngineConfig)
+    _engine: Engine | None = field(default=None, init=False, repr=False)
+    _background: BackgroundEngine | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "Session":
+    def open(cls, path: str | Path, verify: bool = True, engine_config: EngineConfig | None = None) -> "Session":
         bundle = load_bundle(path, verify=verify)
         executor = load_executor(bundle)
         tok = bundle.manifest["tokenizer"]
         template = None
         if bundle.chat_template:
             template = ChatTemplate(bundle.chat_template, tok.get("bos_token"), tok.get("eos_token"))
-        return cls(bundle, executor, template)
+        return cls(bundle, executor, template, engine_config or EngineConfig())
+
+    @property
+    def engine(self) -> Engine:
+        """The session's engine, made on first use (the KV pool is allocated then)."""
+        if self._engine is None:
+            self._engine = Engine(self.executor, self.tokenizer, self.bundle.eos_token_ids, self.engine_config)
+        return self._engine
+
+    def background(self) -> BackgroundEngine:
+        """The engine on its own thread (for the server); from then on generate() goes through it."""
+        if self._background is None or not self._background.alive:
+            self._background = BackgroundEngine(self.engine)
+        return self._background
+
+    def close(self) -> None:
+        if self._background is not None:
+            self._background.close()
+            self._background = None
 
     @property
     def tokenizer(self):
@@ -45,4 +68,37 @@ class Session:
         return self.encode(self.render_chat(messages, tools))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> GenerationResult:
-        return generate(self.executor, self.tokenizer, prompt_ids, params, self.bundle.eos_token_ids, on_text=on_text)
+        """One request through the engine; `on_text` receives text deltas as they become safe
+        to show (held back while they may begin a stop string)."""
+        if self._background is not None and self._background.alive:
+            outputs = self._follow(self._background, self._background.submit(prompt_ids, params))
+        else:
+            outputs = self._drive(self.engine.add_request(prompt_ids, params))
+        for out in outputs:
+            if out.text and on_text is not None:
+                on_text(out.text)
+            if out.finished:
+                if out.error:
+                    raise ArleError(out.error)
+                return out.result
+        raise AssertionError("the engine ended a request without a final output")
+
+    @staticmethod
+    def _follow(background: BackgroundEngine, stream):
+        try:
+            yield from stream
+        finally:
+            background.cancel(stream.request_id)  # no-op once it finished
+
+    def _drive(self, request_id: int):
+        """Step the engine here until `request_id` ends; yields that request's outputs."""
+        engine = self.engine
+        try:
+            while True:
+                for out in engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            engine.abort(request_id)  # Ctrl-C or an on_text failure: free its pages

@@ -8,8 +8,16 @@ FORBIDDEN = ("arlec", "arle_targets", "tvm", "onnx", "onnxruntime", "transformer
 RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
 
 
+def runtime_modules():
+    for path in sorted(RUNTIME.rglob("*.py")):
+        parts = path.relative_to(RUNTIME).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield ".".join(("arle_runtime", *parts))
+
+
 def test_runtime_modules_import_no_compiler_packages():
-    modules = sorted(f"arle_runtime.{p.stem}" for p in RUNTIME.glob("*.py") if p.stem != "__init__")
+    modules = list(runtime_modules())
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

@@ -40,3 +40,7 @@ def test_unknown_and_unbuilt_targets_are_refused():
         get_target("cuda")
     with pytest.raises(ArleError, match="does not support"):
         get_target("cpu").check("fp8")
+
+
+def test_prefill_chunk_defaults_to_context_when_short():
+    assert shape_plan(BuildOptions(), _spec(256)).max_prefill_tokens == 256

@@ -1,0 +1,169 @@
+"""The engine on its own thread, for the server and anything else with several callers.
+
+`submit()` queues a request and returns a RequestStream at once; the loop thread steps
+the engine while there is work and hands each output to its request's stream. A stream
+is consumed with `for out in stream` from a thread, or `async for out in stream` when
+it was submitted from inside a running asyncio loop (outputs then arrive through
+`loop.call_soon_threadsafe`, so no thread waits per request). Errors in a step end that
+step's requests with finish_reason "error"; anything else that escapes a step ends
+every live request the same way. Nothing fails silently: the loop logs and carries on,
+and if the thread ever stops, every open stream gets a final error output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+
+from ..errors import ArleError
+from ..sampler import SamplingParams
+from .llm_engine import Completion, Engine, RequestOutput
+
+log = logging.getLogger("arle.engine")
+
+
+class RequestStream:
+    """The outputs of one request, ending with the one whose `finished` is true."""
+
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop | None):
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+
+    def put(self, out: RequestOutput) -> None:
+        """Called by the engine thread. Raises RuntimeError when the consumer's loop is closed."""
+        if self._loop is None:
+            self._queue.put(out)
+        else:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+    def __iter__(self):
+        if self._loop is not None:
+            raise TypeError("this stream was submitted from an asyncio loop; use `async for`")
+        while True:
+            out = self._queue.get()
+            yield out
+            if out.finished:
+                return
+
+    async def __aiter__(self):
+        if self._loop is None:
+            raise TypeError("this stream was submitted outside an asyncio loop; use `for`")
+        while True:
+            out = await self._queue.get()
+            yield out
+            if out.finished:
+                return
+
+    def result(self) -> Completion:
+        """Wait for the end (thread consumers); raise ArleError if the request failed."""
+        for out in self:
+            if out.finished:
+                if out.error:
+                    raise ArleError(out.error)
+                return out.result
+        raise AssertionError("unreachable")
+
+
+class BackgroundEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._streams: dict[int, RequestStream] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="arle-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request. Raises ArleError (bad prompt, queue full, engine stopped) here,
+        in the caller, so a server can answer 400/429 before it starts streaming."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        rid = self.engine.new_request_id()
+        stream = RequestStream(rid, loop)
+        with self._cond:
+            if not self.alive:
+                raise ArleError("The engine has stopped; restart the server.")
+            self._streams[rid] = stream
+        try:
+            self.engine.add_request(prompt_ids, params, request_id=rid)
+        except BaseException:
+            with self._cond:
+                self._streams.pop(rid, None)
+            raise
+        with self._cond:
+            self._cond.notify()
+        return stream
+
+    def cancel(self, request_id: int) -> bool:
+        """Abort a request (the client went away); its stream ends with finish_reason "abort"."""
+        done = self.engine.abort(request_id)
+        with self._cond:
+            self._cond.notify()
+        return done
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop; requests still live end with an error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the loop thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.engine.has_work:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - a bug in one step must not end the server
+                    log.exception("engine step raised; ending all live requests")
+                    outputs = self.engine.fail_all(f"internal error in the engine: {e!r}")
+                self._deliver(outputs)
+        finally:
+            with self._cond:
+                self._stopping = True
+            try:
+                outputs = self.engine.fail_all("The engine stopped before this request finished.")
+            except Exception:  # noqa: BLE001 - still close the streams below
+                log.exception("could not end the live requests cleanly")
+                outputs = []
+            self._deliver(outputs)
+            with self._cond:
+                orphans, self._streams = list(self._streams.values()), {}
+            for stream in orphans:
+                self._put(stream, RequestOutput(stream.request_id, None, "", True, "error",
+                                                error="The engine stopped before this request finished."))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._cond:
+                stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
+            if stream is not None:
+                self._put(stream, out)
+
+    def _put(self, stream: RequestStream, out: RequestOutput) -> None:
+        try:
+            stream.put(out)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            if not out.finished:
+                self.engine.abort(out.request_id)

@@ -1,0 +1,292 @@
+"""The engine loop: requests in, tokens and text deltas out, one step at a time.
+
+Each `step()` asks the scheduler for a plan, runs it on the model runner, samples one
+token per sampling sequence with that sequence's own SamplerState (seeded, and kept
+across preemptions), records the step with the scheduler, and turns new tokens into
+text deltas. Stop strings are found in the detokenized text, as in the one-request
+loop (runtime/generate.py), and streamed text holds back what may begin one.
+
+Thread safety: `add_request` and `abort` may be called from other threads while
+`step()` runs. The forward pass runs outside the lock; the scheduler is built for
+requests that end while their step is in flight (postprocess skips them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..detokenize import TextStream
+from ..errors import ArleError
+from ..executor import Executor
+from ..generate import GenerationResult, StopChecker
+from ..sampler import SamplerState, SamplingParams, sample
+from .kv_pages import PAGE_SIZE, PageManager
+from .model_runner import ModelRunner, pool_pages
+from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .sequence import Sequence
+
+log = logging.getLogger("arle.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings; None means "from the bundle" (its max_batch, its context)."""
+
+    max_batch: int | None = None  # running sequences; decode calls are split at the executor's max_batch
+    max_num_batched_tokens: int | None = None  # default: max_batch + the bundle's largest prefill chunk
+    kv_pages: int | None = None  # KV pool size in pages of 16 positions; default from kv_memory_bytes
+    kv_memory_bytes: int | None = None  # budget for the default pool size (1 GiB when None)
+    prefix_cache: bool = True
+    max_waiting: int = 1024
+
+
+@dataclass
+class Completion(GenerationResult):
+    """A finished request: GenerationResult (what `arle-runtime run` reports) plus engine facts."""
+
+    request_id: int = -1
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    preemptions: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one request did in one step. `token` is None when the step ended it without
+    a new token (a stop token, an abort, an error); `text` is the new, safe-to-show text."""
+
+    request_id: int
+    token: int | None
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    error: str | None = None
+    result: Completion | None = None  # on the final output
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    stream: TextStream
+    checker: StopChecker
+    arrival: float
+    shown: int = 0  # characters of stream text already handed out
+    stop_text: str | None = None  # the text cut at a stop string, once one matched
+    first_token: float | None = None
+    cached_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, executor: Executor, tokenizer, eos_token_ids=(), config: EngineConfig = EngineConfig()):
+        limits = executor.limits
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.config = config
+        max_batch = config.max_batch or limits.max_batch
+        pages = PageManager(
+            pool_pages(executor, PAGE_SIZE, config.kv_pages, config.kv_memory_bytes), prefix_cache=config.prefix_cache
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=config.max_num_batched_tokens or max_batch + limits.max_prefill_tokens,
+                max_batch=max_batch,
+                max_prefill_chunk=limits.max_prefill_tokens,
+                max_context=limits.max_context,
+                max_waiting=config.max_waiting,
+                eos_token_ids=tuple(eos_token_ids),
+            ),
+            pages,
+        )
+        self.runner = ModelRunner(executor, pages)
+        self._requests: dict[int, _Request] = {}
+        self._pending: list[RequestOutput] = []  # finals of aborts, handed out by the next step
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._stepping = threading.Lock()
+
+    # --- requests ----------------------------------------------------------------------
+
+    def new_request_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: int | None = None) -> int:
+        """Queue a request; raises ArleError for a prompt that cannot run, QueueFullError when busy."""
+        with self._lock:
+            rid = next(self._ids) if request_id is None else request_id
+            if rid in self._requests:
+                raise ValueError(f"request id {rid} is already live")
+            seq = Sequence(prompt_ids, params, seq_id=rid)
+            self.scheduler.add(seq)
+            self._requests[rid] = _Request(seq, TextStream(self.tokenizer), StopChecker(params.stop), time.perf_counter())
+            return rid
+
+    def abort(self, request_id: int) -> bool:
+        """End a request now (its pages are freed); its final output (finish_reason
+        "abort") comes with the next step. False when it is unknown or already done."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            self.scheduler.abort(request_id)
+            self._pending.append(self._final(req))
+            return True
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every live request with an error (the loop hit a bug); returns their finals."""
+        with self._lock:
+            outputs, self._pending = self._pending, []
+            return outputs + self._fail(list(self._requests), message)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self._pending)
+
+    @property
+    def num_live(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {**self.scheduler.stats(), "kv_pool_bytes": self.runner.pool_bytes}
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return what each touched request did. A failure in the forward
+        pass or in sampling ends that step's requests with finish_reason "error"."""
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError("Engine.step() was called from two threads at once")
+        try:
+            with self._lock:
+                outputs, self._pending = self._pending, []
+                if not self.scheduler.has_work:
+                    return outputs
+                plan = self.scheduler.schedule()
+                outputs += [self._final(self._requests[seq.seq_id]) for seq in plan.finished]
+            if plan.is_empty:
+                return outputs
+            try:
+                logits = self.runner.run(plan)
+                with self._lock:
+                    sampled = self._sample(plan, logits)
+            except Exception as e:  # noqa: BLE001 - any failure ends these requests, not the loop
+                message = e.message if isinstance(e, ArleError) else f"internal error in the engine step: {e!r}"
+                if not isinstance(e, ArleError):
+                    log.exception("engine step failed; ending its %d requests", len(plan.sampling))
+                ids = [s.seq_id for s in plan.decodes] + [c.seq.seq_id for c in plan.prefills]
+                with self._lock:
+                    return outputs + self._fail(ids, message)
+            with self._lock:
+                tokens = [token for token, _ in sampled]
+                logprobs = {seq.seq_id: lp for seq, (_, lp) in zip(plan.sampling, sampled)}
+                for out in self.scheduler.postprocess(plan, tokens):
+                    outputs.append(self._emit(out.seq, out.token, logprobs.get(out.seq.seq_id)))
+            return outputs
+        finally:
+            self._stepping.release()
+
+    def _sample(self, plan: StepPlan, logits) -> list[tuple[int, object]]:
+        sampled = []
+        for seq, row in zip(plan.sampling, logits):
+            if seq.is_finished:  # aborted while the step ran; postprocess skips it
+                sampled.append((0, None))
+                continue
+            if seq.sampler_state is None:
+                seq.sampler_state = SamplerState.create(seq.params, seq.prompt_ids, self.executor.device)
+            sampled.append(sample(row, seq.sampler_state))
+        return sampled
+
+    def _emit(self, seq: Sequence, token: int | None, lp) -> RequestOutput:
+        req = self._requests[seq.seq_id]
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+            req.cached_tokens = seq.num_cached_tokens
+        if token is None:
+            return self._final(req)
+        seq.sampler_state.observe(token)
+        logprob, top = None, ()
+        if lp is not None:
+            logprob = float(lp[token])
+            req.logprobs.append(logprob)
+            if seq.params.logprobs:
+                values, ids = lp.topk(seq.params.logprobs)
+                top = tuple(zip(ids.tolist(), values.tolist()))
+        req.stream.push(token)
+        text = req.stream.emitted
+        cut = req.checker.find(text)
+        if cut is not None:
+            req.stop_text = text[:cut]
+            if seq.is_finished:  # max_tokens ended it in the same step; the stop string wins
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq.seq_id, "stop")
+        if seq.is_finished:
+            return self._final(req, token, logprob, top)
+        safe = len(text) - req.checker.hold if req.checker.stop else len(text)
+        delta = ""
+        if safe > req.shown:
+            delta, req.shown = text[req.shown : safe], safe
+        return RequestOutput(seq.seq_id, token, delta, logprob=logprob, top_logprobs=top)
+
+    def _final(self, req: _Request, token=None, logprob=None, top=(), error: str | None = None) -> RequestOutput:
+        seq = req.seq
+        del self._requests[seq.seq_id]
+        text = req.stop_text if req.stop_text is not None else req.stream.text
+        delta = text[req.shown :] if len(text) > req.shown else ""
+        now = time.perf_counter()
+        result = Completion(
+            text=text,
+            token_ids=seq.output_ids,
+            prompt_tokens=seq.num_prompt_tokens,
+            finish_reason=seq.finish_reason,
+            ttft_s=(req.first_token or now) - req.arrival,
+            total_s=now - req.arrival,
+            logprobs=req.logprobs,
+            request_id=seq.seq_id,
+            cached_tokens=req.cached_tokens,
+            preemptions=seq.num_preemptions,
+            error=error,
+        )
+        return RequestOutput(seq.seq_id, token, delta, True, seq.finish_reason, logprob, top, error, result)
+
+    def _fail(self, ids: list[int], message: str) -> list[RequestOutput]:
+        outputs = []
+        for rid in ids:
+            req = self._requests.get(rid)
+            if req is not None:
+                self.scheduler.finish(rid, "error")
+                outputs.append(self._final(req, error=message))
+        return outputs
+
+    # --- convenience -------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()
+    ) -> list[Completion]:
+        """Run the prompts together to completion (driving step() here); results in prompt order."""
+        per = params if isinstance(params, list) else [params] * len(prompts)
+        ids: list[int] = []
+        try:
+            for prompt, p in zip(prompts, per, strict=True):
+                ids.append(self.add_request(prompt, p))
+        except BaseException:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        results: dict[int, Completion] = {}
+        wanted = set(ids)
+        while wanted - results.keys():
+            if not self.has_work:
+                raise RuntimeError("requests vanished: another thread is stepping this engine")
+            for out in self.step():
+                if out.finished and out.request_id in wanted:
+                    results[out.request_id] = out.result
+        return [results[rid] for rid in ids]

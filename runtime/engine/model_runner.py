@@ -1,0 +1,178 @@
+"""Tensors in, logits out: runs a StepPlan on an executor over a paged KV pool.
+
+The pool is two tensors, K and V, of shape [L, slots + 1, Hkv, D]: slot s is page
+s // page_size, offset s % page_size, so `PageManager.slots` indexes it directly and a
+page copy is a 16-slot index copy. Slot-major (slots before heads) keeps one position's
+K for all heads contiguous, which is what a scatter of new tokens writes; the extra last
+slot is kept at zero and pads shorter rows of a batch (a masked position still enters
+the attention's value product as 0 * value, so padding must be finite, never
+uninitialised memory).
+
+The compiled steps take a dense past [L, B, Hkv, P, D], so each step gathers every
+running sequence's past out of its pages into one padded tensor (P = longest past in
+the batch, rows masked by past_lens). That copy is O(batch * context) per step, the
+price of programs without a paged-attention kernel; a CUDA target with paged kernels
+would read the pool in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ArleError
+from ..executor import Executor
+from .kv_pages import PageManager
+from .scheduler import PrefillChunk, StepPlan
+from .sequence import Sequence
+
+DEFAULT_KV_MEMORY_BYTES = 1 << 30  # 1 GiB unless told otherwise
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, executor: Executor) -> "KVLayout":
+        layers, _, heads, _, dim = executor.cache_shape(batch=1, length=1)
+        return cls(layers, heads, dim, executor.kv_dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one position, all layers."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def pool_pages(
+    executor: Executor,
+    page_size: int,
+    kv_pages: int | None = None,
+    kv_memory_bytes: int | None = None,
+) -> int:
+    """How many KV pages to allocate: `kv_pages` if given; else room for max_batch
+    sequences of the full context, capped by the memory budget (default 1 GiB), but
+    never below one full-context sequence (a bundle must run its own context)."""
+    if kv_pages is not None:
+        if kv_pages < 1:
+            raise ArleError(f"kv_pages must be at least 1, got {kv_pages}.", param="kv_pages")
+        return kv_pages
+    limits = executor.limits
+    per_page = KVLayout.of(executor).bytes_per_token * page_size
+    want = limits.max_batch * -(-limits.max_context // page_size)
+    budget = DEFAULT_KV_MEMORY_BYTES if kv_memory_bytes is None else kv_memory_bytes
+    floor = -(-limits.max_context // page_size)
+    return max(min(want, budget // per_page), floor)
+
+
+class ModelRunner:
+    """Owns the KV pool; `run(plan)` applies copies, runs decodes and prefill chunks,
+    writes their new K/V into the pages and returns logits in `plan.sampling` order."""
+
+    def __init__(self, executor: Executor, pages: PageManager):
+        self.executor = executor
+        self.pages = pages
+        self.layout = KVLayout.of(executor)
+        lay = self.layout
+        self.num_slots = pages.num_pages * pages.page_size
+        shape = (lay.num_layers, self.num_slots + 1, lay.num_kv_heads, lay.head_dim)
+        # empty: the OS commits pool memory as pages are first written, not at start.
+        self.k = torch.empty(shape, dtype=lay.dtype, device=executor.device)
+        self.v = torch.empty_like(self.k)
+        self.k[:, self.num_slots].zero_()
+        self.v[:, self.num_slots].zero_()
+        self.pad_slot = self.num_slots
+        self._offsets = torch.arange(pages.page_size, device=executor.device)
+
+    @property
+    def pool_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def _long(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.executor.device)
+
+    # --- the step -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Logits [len(plan.sampling), V] float32 for the plan's sampling order."""
+        self.copy_pages(plan.copies)
+        rows: dict[int, torch.Tensor] = {}
+        limit = self.executor.limits.max_batch
+        for i in range(0, len(plan.decodes), limit):
+            batch = plan.decodes[i : i + limit]
+            logits = self._decode(batch)
+            for seq, row in zip(batch, logits):
+                rows[seq.seq_id] = row
+        for chunk in plan.prefills:
+            logits = self._prefill(chunk)
+            if chunk.samples:
+                rows[chunk.seq.seq_id] = logits[0]
+        sampling = plan.sampling
+        if not sampling:
+            return torch.empty(0, 0)
+        return torch.stack([rows[seq.seq_id] for seq in sampling])
+
+    def copy_pages(self, copies) -> None:
+        if not copies:
+            return
+        ps = self.pages.page_size
+        src = (self._long([c.src for c in copies])[:, None] * ps + self._offsets).flatten()
+        dst = (self._long([c.dst for c in copies])[:, None] * ps + self._offsets).flatten()
+        # One gather, then one scatter (the right-hand side is materialised first):
+        # a page given up as one copy's source may be another copy's destination.
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+    def _decode(self, batch: list[Sequence]) -> torch.Tensor:
+        positions = [seq.num_tokens - 1 for seq in batch]  # == num_computed: the one uncomputed token
+        past_k, past_v = self.gather(batch, positions)
+        pos = self._long(positions)
+        tokens = self._long([[seq.last_token] for seq in batch])
+        last = torch.zeros(len(batch), dtype=torch.long, device=self.executor.device)
+        logits, new_k, new_v = self.executor.decode(tokens, pos[:, None], past_k, past_v, pos, last)
+        slots = self._long([self.pages.slots(seq, p, 1)[0] for seq, p in zip(batch, positions)])
+        self.k[:, slots] = new_k[:, :, :, 0].to(self.k.dtype)
+        self.v[:, slots] = new_v[:, :, :, 0].to(self.v.dtype)
+        return logits
+
+    def _prefill(self, chunk: PrefillChunk) -> torch.Tensor:
+        seq, start, length = chunk.seq, chunk.start, chunk.length
+        past_k, past_v = self.gather([seq], [start])
+        tokens = self._long([chunk.token_ids])
+        positions = torch.arange(start, start + length, device=self.executor.device)[None]
+        past_lens = self._long([start])
+        last = self._long([length - 1])
+        logits, new_k, new_v = self.executor.prefill(tokens, positions, past_k, past_v, past_lens, last)
+        slots = self._long(self.pages.slots(seq, start, length))
+        # [L, 1, Hkv, T, D] -> [L, T, Hkv, D], the pool's slot-major order.
+        self.k[:, slots] = new_k[:, 0].transpose(1, 2).to(self.k.dtype)
+        self.v[:, slots] = new_v[:, 0].transpose(1, 2).to(self.v.dtype)
+        return logits
+
+    def _slots(self, seq: Sequence, length: int) -> torch.Tensor:
+        """Slots of positions [0, length), built from the page table as a tensor
+        (PageManager.slots in a Python loop costs too much at long contexts)."""
+        ps = self.pages.page_size
+        table = self._long(seq.page_table[: -(-length // ps)])
+        return (table[:, None] * ps + self._offsets).flatten()[:length]
+
+    def gather(self, seqs: list[Sequence], past_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense past K/V [L, B, Hkv, P, D] of each sequence's first past_lens[b] positions,
+        padded with the zero slot up to P = max(past_lens)."""
+        P = max(past_lens)
+        pad = torch.full((P,), self.pad_slot, dtype=torch.long, device=self.executor.device)
+        rows = []
+        for seq, n in zip(seqs, past_lens):
+            rows += [self._slots(seq, n), pad[: P - n]]
+        idx = torch.cat(rows)
+        L, H, D = self.layout.num_layers, self.layout.num_kv_heads, self.layout.head_dim
+        shape = (L, len(seqs), P, H, D)
+        k = self.k.index_select(1, idx).view(shape).transpose(2, 3).contiguous()
+        v = self.v.index_select(1, idx).view(shape).transpose(2, 3).contiguous()
+        return k, v
