@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import datetime
 import fnmatch
-import hashlib
 import json
 import os
 import platform
@@ -50,6 +49,10 @@ import time
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from machine import cpu_name
+
+from arle_runtime.bundle import sha256_file
 
 from tqdm import tqdm
 
@@ -64,16 +67,6 @@ CHECK_QUESTION = "What is the capital of France?"
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def package_version(name: str) -> str | None:
@@ -105,14 +98,6 @@ def machine_info(threads: int) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_at_start": load_average(),
     }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def thread_env(threads: int) -> dict:
@@ -575,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "cpu_decode",
             "command": shlex.join([sys.executable, *sys.argv]),
             "machine": info,
-            "model": {"gguf": shipped.name, "sha256": sha256_of(shipped)},
-            "prompt": {"text": PROMPT_TEXT.name, "text_sha256": sha256_of(PROMPT_TEXT), "tokens": args.prompt_tokens,
+            "model": {"gguf": shipped.name, "sha256": sha256_file(shipped)},
+            "prompt": {"text": PROMPT_TEXT.name, "text_sha256": sha256_file(PROMPT_TEXT), "tokens": args.prompt_tokens,
                        "ids": ids, "special_tokens_added": False},
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -56,16 +58,6 @@ SCHEMES = [
     ("int4-g32", "int4", 32),
     ("int4-g64", "int4", 64),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def weight_bits(model: torch.nn.Module) -> int:

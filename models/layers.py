@@ -46,6 +46,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
         self.qkv_proj = None  # set by fuse_projections()
+        self.split_past = False  # set by CausalLM.use_split_attention()
 
     def fuse_projections(self) -> None:
         """One matmul for q, k and v instead of three (fewer, larger kernels per step)."""
@@ -68,9 +69,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys = torch.cat((past_k, k), dim=2)
-        values = torch.cat((past_v, v), dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        if self.split_past:
+            out = attention_split_past(q, k, v, past_k, past_v, mask)
+        else:
+            keys = torch.cat((past_k, k), dim=2)
+            values = torch.cat((past_v, v), dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), k, v
 
@@ -123,6 +127,26 @@ class DecoderLayer(nn.Module):
         return x, k, v
 
 
+def attention_split_past(q, k, v, past_k, past_v, mask):
+    """Attention over [past | new] without concatenating the cache: scores against the
+    past and the new keys separately, one softmax, two weighted sums. For decode (T=1)
+    on CPU this is 2.6x (P=256) to 5.8x (P=1024) faster per layer than the fused SDPA
+    kernel (measured on AOTInductor, docs/performance.md); for long prefill SDPA wins.
+
+    q [B,H,T,D]; k, v [B,Hkv,T,D]; past_k, past_v [B,Hkv,P,D]; mask [B,1,T,P+T].
+    """
+    B, H, T, D = q.shape
+    kv_heads = k.shape[1]
+    groups = H // kv_heads
+    qg = q.reshape(B, kv_heads, groups * T, D)  # GQA: query heads grouped under their KV head
+    scores = torch.cat((qg @ past_k.transpose(-1, -2), qg @ k.transpose(-1, -2)), dim=-1).float() * D**-0.5
+    scores = scores.reshape(B, kv_heads, groups, T, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).reshape(B, kv_heads, groups * T, -1)
+    P = past_k.shape[2]
+    out = probs[..., :P] @ past_v + probs[..., P:] @ v
+    return out.reshape(B, H, T, D)
+
+
 def step_mask(past_lens: torch.Tensor, past_len_padded: int, new_len: int) -> torch.Tensor:
     """Boolean [B, 1, T, P+T]: row b sees its own valid past and the new tokens causally."""
     device = past_lens.device
@@ -155,6 +179,12 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+        return self
+
+    def use_split_attention(self, enabled: bool) -> "CausalLM":
+        """Attention without cache concatenation (the decode program's choice)."""
+        for layer in self.layers:
+            layer.self_attn.split_past = enabled
         return self
 
     @property

@@ -58,9 +58,13 @@ def program_ranges(plan: ShapePlan, prefill: bool) -> dict:
 def export_step(model: CausalLM, plan: ShapePlan, prefill: bool) -> torch.export.ExportedProgram:
     # Example sizes above 1 keep torch.export from specializing a dynamic dim to 1.
     args = example_inputs(model, batch=2, tokens=3 if prefill else 1, past=5)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(model, args, dynamic_shapes=step_dynamic_shapes(plan, prefill), strict=False)
+    model.use_split_attention(not prefill)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, args, dynamic_shapes=step_dynamic_shapes(plan, prefill), strict=False)
+    finally:
+        model.use_split_attention(False)
 
 
 @contextlib.contextmanager

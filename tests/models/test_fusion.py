@@ -21,3 +21,25 @@ def test_fused_projections_give_identical_logits(arch):
     names = {n for n, _ in fused.named_parameters()}
     assert "layers.0.self_attn.qkv_proj.weight" in names and "layers.0.mlp.gate_up_proj.weight" in names
     assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_past_attention_matches_sdpa(dtype):
+    """The decode program's attention (no cache concatenation) equals SDPA, ragged pasts included."""
+    cfg = ModelConfig("qwen3", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().to(dtype)
+    split = copy.deepcopy(model).use_split_attention(True)
+    B, P = 3, 9
+    past_k = torch.randn(cfg.num_layers, B, 2, P, 16, dtype=dtype)
+    past_v = torch.randn_like(past_k)
+    past_lens = torch.tensor([9, 4, 0])
+    for T in (1, 3):
+        args = (torch.randint(0, 256, (B, T)), past_lens[:, None] + torch.arange(T), past_k, past_v, past_lens,
+                torch.full((B,), T - 1))
+        with torch.no_grad():
+            expected, got = model(*args), split(*args)
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)

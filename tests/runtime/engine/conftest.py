@@ -32,3 +32,15 @@ def engine_session(engine_bundle):
     from arle_runtime.session import Session
 
     return Session.open(engine_bundle)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: the tiny model gains nothing from two, and on a shared
+    2-core machine a spinning second OpenMP thread made a test 100x slower (measured: 0.3 s -> 34 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,7 +14,7 @@ from arle_runtime.engine import PageManager, QueueFullError, Scheduler, Schedule
 from arle_runtime.errors import ArleError
 from arle_runtime.sampler import SamplingParams
 
-from engine_fakes import VOCAB, FakeRunner, reference
+from .engine_fakes import VOCAB, FakeRunner, reference
 
 
 def _expected(seq: Sequence, capacity: int) -> list[int]:

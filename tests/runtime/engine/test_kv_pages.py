@@ -5,7 +5,7 @@ from __future__ import annotations
 from arle_runtime.engine import PageCopy, PageManager, Sequence
 from arle_runtime.sampler import SamplingParams
 
-from engine_fakes import FakeRunner
+from .engine_fakes import FakeRunner
 
 PARAMS = SamplingParams(temperature=0.0)
 

@@ -42,6 +42,7 @@ def test_gather_builds_a_padded_past_in_the_step_layout(runner):
     k, v = runner.gather([a, b], [20, 5])
     lay = runner.layout
     assert k.shape == v.shape == (lay.num_layers, 2, lay.num_kv_heads, 20, lay.head_dim)
+    assert k.is_contiguous() and v.is_contiguous()  # the compiled steps assume dense inputs
     assert k[1, 0, 1, :, 0].tolist() == list(range(96, 112)) + list(range(16, 20))
     assert k[0, 1, 0, :, 2].tolist() == [48, 49, 50, 51, 52] + [0] * 15  # padding is the zero slot
     assert v[0, 1, 1, :5, 0].tolist() == [-48, -49, -50, -51, -52]

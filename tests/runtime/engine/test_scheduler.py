@@ -10,7 +10,7 @@ from arle_runtime.engine import PageManager, QueueFullError, Scheduler, Schedule
 from arle_runtime.errors import ArleError
 from arle_runtime.sampler import SamplingParams
 
-from engine_fakes import FakeRunner, drive, reference
+from .engine_fakes import FakeRunner, drive, reference
 
 
 def _engine(num_pages=64, **config):
