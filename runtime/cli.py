@@ -101,4 +101,33 @@ def run(bundle, prompt, from_stdin, raw, as_json, max_tokens, temperature, top_p
         sys.stdout.write("\n")
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", default=None, envvar="ARLE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (also from $ARLE_API_KEY).")
+@click.option("--max-batch", default=None, type=int, help="Most requests running at once (default: the bundle's).")
+@click.option("--max-queue", default=1024, show_default=True, type=int,
+              help="Most requests waiting; more are answered 429.")
+@click.option("--timeout", "request_timeout", default=600.0, show_default=True, type=float,
+              help="Seconds a request may take before it is cancelled.")
+@click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
+def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, no_verify):
+    """Serve BUNDLE over an OpenAI-compatible HTTP API."""
+    from .engine import EngineConfig
+    from .server import serve as run_server
+    from .session import Session
+
+    if max_batch is not None and max_batch < 1:
+        raise ArleError(f"--max-batch must be at least 1, got {max_batch}.")
+    if max_queue < 1:
+        raise ArleError(f"--max-queue must be at least 1, got {max_queue}.")
+    if request_timeout <= 0:
+        raise ArleError(f"--timeout must be positive, got {request_timeout:g}.")
+    config = EngineConfig(max_batch=max_batch, max_waiting=max_queue)
+    session = Session.open(bundle, verify=not no_verify, engine_config=config)
+    run_server(session, host, port, api_key=api_key, request_timeout=request_timeout)
+
+
 main = guarded(cli, "arle-runtime")
