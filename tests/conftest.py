@@ -51,7 +51,8 @@ def bundle_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bundles")
 
 
-def _build(bundle_dir: Path, name: str, *args: str) -> Path:
+def build_bundle(bundle_dir: Path, name: str, *args: str) -> Path:
+    """`arlec build --out bundle_dir/name.arle ARGS` once (reused when already there)."""
     out = bundle_dir / f"{name}.arle"
     if (out / "manifest.json").is_file():
         return out
@@ -94,19 +95,19 @@ def tiny_hf_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(bundle_dir, tiny_hf_model) -> Path:
     """Compiled tiny model: fast to build, used for error and range tests."""
-    return _build(bundle_dir, "tiny-fp32", "--model", str(tiny_hf_model), "--quant", "fp32", "--max-batch", "4",
+    return build_bundle(bundle_dir, "tiny-fp32", "--model", str(tiny_hf_model), "--quant", "fp32", "--max-batch", "4",
                   "--max-prefill-tokens", "32", "--max-context", "64")
 
 
 @pytest.fixture(scope="session")
 def default_bundle(bundle_dir) -> Path:
     """The embedded default model with the default options (what the README builds)."""
-    return _build(bundle_dir, "default")
+    return build_bundle(bundle_dir, "default")
 
 
 @pytest.fixture(scope="session")
 def fp32_bundle(bundle_dir) -> Path:
-    return _build(bundle_dir, "smollm2-fp32", "--quant", "fp32")
+    return build_bundle(bundle_dir, "smollm2-fp32", "--quant", "fp32")
 
 
 @pytest.fixture

@@ -3,27 +3,17 @@ session with room for batching (8 sequences, 256 positions, prefill chunks of 32
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import build_bundle
+
 
 @pytest.fixture(scope="session")
 def engine_bundle(bundle_dir, tiny_hf_model) -> Path:
-    out = bundle_dir / "engine-tiny-fp32.arle"
-    if (out / "manifest.json").is_file():  # ARLE_TEST_BUNDLES reuse
-        return out
-    arlec = Path(sys.executable).parent / "arlec"
-    proc = subprocess.run(
-        [str(arlec), "build", "--model", str(tiny_hf_model), "--quant", "fp32", "--max-batch", "8",
-         "--max-prefill-tokens", "32", "--max-context", "256", "--out", str(out)],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return build_bundle(bundle_dir, "engine-tiny-fp32", "--model", str(tiny_hf_model), "--quant", "fp32",
+                        "--max-batch", "8", "--max-prefill-tokens", "32", "--max-context", "256")
 
 
 @pytest.fixture(scope="session")
