@@ -29,12 +29,13 @@ from .sources import ModelSpec, load_source
 REFERENCE_QUESTION = "What is the capital of France?"
 REFERENCE_NEW_TOKENS = 8
 PAGE_SIZE = 16
+DEFAULT_QUANT = {"cpu": "int8", "cuda": "bf16", "onnx": "fp32"}  # each target's fastest well-supported scheme
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     model: str | None = None
-    quant: str = "int8"
+    quant: str | None = None  # None: the target's default (DEFAULT_QUANT)
     group_size: int = 32
     target: str = "cpu"
     out: str | None = None
@@ -84,16 +85,19 @@ def chat_prompt_ids(spec: ModelSpec, question: str) -> list[int]:
 
 @torch.no_grad()
 def reference_outputs(model, prompt_ids: list[int], new_tokens: int) -> dict[str, torch.Tensor]:
-    """Eager logits after the prompt and greedy continuation: what `arlec verify` checks against."""
+    """Eager logits after the prompt and greedy continuation, on the model's device:
+    what `arlec verify` checks against."""
     T = len(prompt_ids)
+    device = model.norm.weight.device
     empty = model.empty_cache(1, 0)
     logits, k, v = model(
-        torch.tensor([prompt_ids]), torch.arange(T)[None], empty, empty, torch.zeros(1, dtype=torch.long), torch.tensor([T - 1])
+        torch.tensor([prompt_ids], device=device), torch.arange(T, device=device)[None], empty, empty,
+        torch.zeros(1, dtype=torch.long, device=device), torch.tensor([T - 1], device=device),
     )
     greedy = greedy_continuation(model, logits[0], k, v, T, new_tokens)
     return {
         "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
-        "last_logits": logits[0].float().clone(),
+        "last_logits": logits[0].float().cpu().clone(),
         "greedy_ids": torch.tensor(greedy, dtype=torch.long),
     }
 
@@ -112,7 +116,7 @@ def logits_tolerance(quant: QuantSpec, reference_logits: torch.Tensor) -> float:
 def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
     started = time.perf_counter()
     target = get_target(opts.target)
-    quant = parse_quant(opts.quant, opts.group_size)
+    quant = parse_quant(opts.quant or DEFAULT_QUANT.get(target.name, "int8"), opts.group_size)
     target.check(quant.scheme)
     stages = tqdm(total=9, desc="load source", unit="stage", bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}]")
     timings: dict[str, float] = {}
@@ -138,6 +142,7 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
         model.eval().fuse_projections()
         quantize_model(model, quant)
         spec.tensors.clear()  # the float copies are no longer needed
+        model.to(getattr(target, "device", torch.device("cpu")))
         progress("reference outputs")
         prompt_ids = chat_prompt_ids(spec, REFERENCE_QUESTION)
         reference = reference_outputs(model, prompt_ids, REFERENCE_NEW_TOKENS)

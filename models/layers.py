@@ -78,6 +78,22 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), k, v
 
+    def forward_paged(self, x, cos, sin, k_pool, v_pool, page_table, past_lens, attention):
+        """One decode token per row, the past read from the paged pool by `attention`
+        (a paged_decode_reference-shaped function). Returns (out, k [B,Hkv,D], v)."""
+        B = x.shape[0]
+        q, k, v = self.project(x)
+        q = q.reshape(B, 1, self.num_heads, self.head_dim)
+        k = k.reshape(B, 1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(B, 1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin)[:, :, 0], apply_rotary(k, cos, sin)[:, :, 0]
+        v = v[:, :, 0]
+        out = attention(q, k, v, k_pool, v_pool, page_table, past_lens)
+        return self.o_proj(out.reshape(B, 1, self.num_heads * self.head_dim)), k, v
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -147,6 +163,28 @@ def attention_split_past(q, k, v, past_k, past_v, mask):
     return out.reshape(B, H, T, D)
 
 
+def paged_decode_reference(q, k_new, v_new, k_pool, v_pool, page_table, past_lens, page_size: int = 16):
+    """Decode attention over a paged pool, in plain torch (the generated kernel's spec).
+
+    q [B,H,D]; k_new, v_new [B,Hkv,D]: the decoded token's own K/V (not yet in the pool);
+    k_pool, v_pool [slots,Hkv,D]; page_table [B,pages]: row b's past position p lives in
+    slot page_table[b, p // page_size] * page_size + p % page_size; past_lens [B].
+    """
+    B, H, D = q.shape
+    kv_heads = k_new.shape[1]
+    P = page_table.shape[1] * page_size
+    pos = torch.arange(P, device=q.device)
+    slots = page_table.long()[:, pos // page_size] * page_size + pos % page_size  # [B, P]
+    keys = torch.cat((k_pool[slots], k_new[:, None]), dim=1).transpose(1, 2)  # [B, Hkv, P+1, D]
+    values = torch.cat((v_pool[slots], v_new[:, None]), dim=1).transpose(1, 2)
+    visible = torch.cat((pos[None] < past_lens[:, None], torch.ones(B, 1, dtype=torch.bool, device=q.device)), dim=1)
+    qg = q.reshape(B, kv_heads, H // kv_heads, D)
+    scores = (qg.float() @ keys.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, G, P+1]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ values.float()
+    return out.reshape(B, H, D).to(q.dtype)
+
+
 def step_mask(past_lens: torch.Tensor, past_len_padded: int, new_len: int) -> torch.Tensor:
     """Boolean [B, 1, T, P+T]: row b sees its own valid past and the new tokens causally."""
     device = past_lens.device
@@ -173,6 +211,7 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
+        self.paged_attention = paged_decode_reference  # the cuda target swaps in its generated kernel
 
     def fuse_projections(self) -> "CausalLM":
         """Merge q/k/v and gate/up projections (a build-time transform; checkpoints keep HF names)."""
@@ -208,6 +247,24 @@ class CausalLM(nn.Module):
         logits = self.lm_head(last).float()
         return logits, new_k, new_v
 
+    def forward_paged(self, tokens, positions, k_pool, v_pool, page_table, past_lens):
+        """The paged decode step: tokens, positions [B,1]; k_pool, v_pool [L,slots,Hkv,D];
+        page_table [B,pages] int32; past_lens [B] int32 -> (logits [B,V] float32,
+        new_k [L,B,Hkv,D], new_v). The caller writes new_k/new_v into the pool."""
+        x = self.embed_tokens(tokens).to(self.compute_dtype)
+        cos, sin = self.rotary(positions, x.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            attn, k, v = layer.self_attn.forward_paged(
+                layer.input_layernorm(x), cos, sin, k_pool[i], v_pool[i], page_table, past_lens, self.paged_attention
+            )
+            x = x + attn
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.lm_head(self.norm(x)[:, 0]).float()
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
     def all_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits at every position of a fresh batch [B, T] (for checks and perplexity)."""
         B, T = tokens.shape
@@ -223,3 +280,14 @@ class CausalLM(nn.Module):
             c.num_layers, batch, c.num_kv_heads, length, c.head_dim, dtype=self.compute_dtype,
             device=self.norm.weight.device,
         )
+
+
+class PagedDecodeStep(nn.Module):
+    """`CausalLM.forward_paged` as a module's forward, for torch.export."""
+
+    def __init__(self, model: CausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, k_pool, v_pool, page_table, past_lens):
+        return self.model.forward_paged(tokens, positions, k_pool, v_pool, page_table, past_lens)

@@ -1,4 +1,8 @@
-"""Chat templates, rendered with jinja2 in a sandbox (templates come from model files)."""
+"""Chat templates, rendered with jinja2 in a sandbox (templates come from model files).
+
+Tools: a template whose source mentions `tools` gets them as the jinja variable `tools`;
+for one that does not (SmolLM2's), the tools go into a Hermes-style system section and
+earlier calls / tool results into plain turns (runtime/tool_calls.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ArleError
+from .tool_calls import messages_for_template, messages_with_tools_prompt, template_handles_tools
 
 
 def _raise(message: str):
@@ -30,8 +35,13 @@ class ChatTemplate:
         except TemplateError as e:
             raise ArleError(f"The bundle's chat template does not parse ({e}).") from None
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+        self.handles_tools = template_handles_tools(source)
 
     def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+        if self.handles_tools:
+            messages, tools = messages_for_template(messages), tools or None
+        else:
+            messages, tools = messages_with_tools_prompt(messages, tools or []), None
         try:
             return self._template.render(
                 messages=messages,

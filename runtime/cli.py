@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 
 import click
 
 from .errors import ArleError
+from .preload import reexec_with_system_libstdcxx
 
 
 def _interrupt(signum, frame):
@@ -20,6 +22,8 @@ def guarded(command: click.Group, prog: str):
     """Run a click group: ArleError -> one line on stderr and exit 2; Ctrl-C -> exit 130."""
 
     def main(argv=None):
+        if argv is None:  # a real command line, not a test calling main([...]) in-process
+            reexec_with_system_libstdcxx()
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             command.main(args=argv, prog_name=prog, standalone_mode=False)
@@ -44,6 +48,37 @@ def guarded(command: click.Group, prog: str):
     return main
 
 
+KV_PAGES_HELP = ("KV cache size in pages of 16 positions (default: room for --max-batch full-context "
+                 "sequences, at most 1 GiB).")
+
+
+def _check_kv_pages(kv_pages: int | None) -> None:
+    if kv_pages is not None and kv_pages < 1:
+        raise ArleError(f"--kv-pages must be at least 1, got {kv_pages}.")
+
+
+def _check_kv_memory(session, kv_pages: int | None) -> None:
+    """A pool larger than the device's memory fails here with a sentence, not later in an allocator."""
+    if kv_pages is None:
+        return
+    import torch
+
+    from .engine.kv_pages import PAGE_SIZE
+    from .engine.model_runner import KVLayout
+
+    device = session.executor.device
+    if device.type == "cpu":
+        have, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's memory"
+    elif device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[0], f"free memory on {device}"
+    else:
+        return
+    need = KVLayout.of(session.executor).bytes_per_token * PAGE_SIZE * kv_pages
+    if need > have:
+        raise ArleError(f"--kv-pages {kv_pages} needs {need / 2**30:.1f} GiB of KV cache, more than the "
+                        f"{have / 2**30:.1f} GiB of {where}.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option("0.1.0", prog_name="arle-runtime")
 def cli():
@@ -62,9 +97,17 @@ def cli():
 @click.option("--top-k", default=0, show_default=True, type=int, help="0 disables top-k.")
 @click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text).")
 @click.option("--system", default=None, help="A system message to put first (chat mode).")
+@click.option("--kv-pages", default=None, type=int, help=KV_PAGES_HELP)
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
-def run(bundle, prompt, from_stdin, raw, as_json, max_tokens, temperature, top_p, top_k, seed, system, no_verify):
+@click.option("--tools/--no-tools", default=False, show_default=True,
+              help="Let the model call the sandboxed python and shell tools (docs/agent.md).")
+@click.option("--max-turns", default=4, show_default=True, type=int, help="With --tools: most model turns.")
+@click.option("--unsafe-tools", is_flag=True, help="With --tools: run them WITHOUT a sandbox.")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False), help="With --tools: the tools' work dir.")
+def run(bundle, prompt, from_stdin, raw, as_json, max_tokens, temperature, top_p, top_k, seed, system, kv_pages,
+        no_verify, tools, max_turns, unsafe_tools, workdir):
     """Generate one answer from BUNDLE."""
+    from .engine import EngineConfig
     from .session import Session
     from .sampler import SamplingParams
 
@@ -73,8 +116,24 @@ def run(bundle, prompt, from_stdin, raw, as_json, max_tokens, temperature, top_p
     text = sys.stdin.read() if from_stdin else prompt
     if not text.strip():
         raise ArleError("The prompt is empty; give some text with --prompt or on standard input.")
+    _check_kv_pages(kv_pages)
+    sandbox = None
+    if tools:  # checked before the bundle loads: a sandbox we cannot have fails fast
+        from .agent.commands import check_tool_options, make_sandbox
+
+        if raw:
+            raise ArleError("--tools needs the chat template; drop --raw.")
+        check_tool_options(max_turns)
+        sandbox = make_sandbox(workdir, unsafe_tools)
+        sandbox.require()
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    session = Session.open(bundle, verify=not no_verify)
+    session = Session.open(bundle, verify=not no_verify, engine_config=EngineConfig(kv_pages=kv_pages))
+    _check_kv_memory(session, kv_pages)
+    if sandbox is not None:
+        from .agent.commands import run_with_tools
+
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return run_with_tools(session, messages, params, as_json=as_json, sandbox=sandbox, max_turns=max_turns)
     if raw:
         prompt_ids = session.encode(text)
     else:
@@ -94,11 +153,49 @@ def run(bundle, prompt, from_stdin, raw, as_json, max_tokens, temperature, top_p
                     "ttft_ms": round(result.ttft_s * 1000, 1),
                     "decode_tok_s": round(result.decode_tok_s, 1),
                     "bundle": session.bundle.name,
+                    "tool_calls_executed": 0,
+                    "turns": 1,
                 }
             )
         )
     else:
         sys.stdout.write("\n")
+
+
+@cli.command()
+@click.argument("bundle", required=False, type=click.Path())
+@click.option("--url", default=None, help="Talk to an OpenAI-compatible server instead of loading a BUNDLE.")
+@click.option("--api-key", default=None, envvar="ARLE_API_KEY", help="With --url: the server's key ($ARLE_API_KEY).")
+@click.option("--model", default=None, help="With --url: the model to ask (default: the server's first).")
+@click.option("--system", default=None, help="A system message to put first.")
+@click.option("--max-tokens", default=512, show_default=True, type=int, help="Most new tokens per answer.")
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 disables top-k (local bundles).")
+@click.option("--seed", default=None, type=int)
+@click.option("--tools/--no-tools", default=True, show_default=True, help="The sandboxed python and shell tools.")
+@click.option("--unsafe-tools", is_flag=True, help="Run the tools WITHOUT a sandbox (when bubblewrap is missing).")
+@click.option("--max-turns", default=4, show_default=True, type=int, help="Most model turns per message.")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+              help="The tools' writable folder (default: a new temporary one).")
+@click.option("--tool-timeout", default=10.0, show_default=True, type=float, help="Wall-clock seconds per tool run.")
+@click.option("--tool-memory", default=512, show_default=True, type=int, help="MiB of memory per tool process.")
+@click.option("--kv-pages", default=None, type=int, help=KV_PAGES_HELP)
+@click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
+def agent(bundle, url, api_key, model, system, max_tokens, temperature, top_p, top_k, seed, tools, unsafe_tools,
+          max_turns, workdir, tool_timeout, tool_memory, kv_pages, no_verify):
+    """Chat with BUNDLE (or --url) in a REPL; the model may run sandboxed python and shell."""
+    from .agent.commands import run_agent
+    from .engine import EngineConfig
+    from .sampler import SamplingParams
+
+    _check_kv_pages(kv_pages)
+    if max_tokens < 1:
+        raise ArleError(f"--max-tokens must be at least 1, got {max_tokens}.")
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    run_agent(bundle=bundle, url=url, api_key=api_key, model=model, system=system, params=params, tools=tools,
+              unsafe_tools=unsafe_tools, max_turns=max_turns, workdir=workdir, tool_timeout=tool_timeout,
+              tool_memory=tool_memory, engine_config=EngineConfig(kv_pages=kv_pages), verify=not no_verify)
 
 
 @cli.command()
@@ -112,8 +209,9 @@ def run(bundle, prompt, from_stdin, raw, as_json, max_tokens, temperature, top_p
               help="Most requests waiting; more are answered 429.")
 @click.option("--timeout", "request_timeout", default=600.0, show_default=True, type=float,
               help="Seconds a request may take before it is cancelled.")
+@click.option("--kv-pages", default=None, type=int, help=KV_PAGES_HELP)
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
-def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, no_verify):
+def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv_pages, no_verify):
     """Serve BUNDLE over an OpenAI-compatible HTTP API."""
     from .engine import EngineConfig
     from .server import serve as run_server
@@ -125,9 +223,15 @@ def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, no
         raise ArleError(f"--max-queue must be at least 1, got {max_queue}.")
     if request_timeout <= 0:
         raise ArleError(f"--timeout must be positive, got {request_timeout:g}.")
-    config = EngineConfig(max_batch=max_batch, max_waiting=max_queue)
+    _check_kv_pages(kv_pages)
+    config = EngineConfig(max_batch=max_batch, max_waiting=max_queue, kv_pages=kv_pages)
     session = Session.open(bundle, verify=not no_verify, engine_config=config)
+    _check_kv_memory(session, kv_pages)
     run_server(session, host, port, api_key=api_key, request_timeout=request_timeout)
 
+
+from .train.cli import data as data_group, train as train_group  # noqa: E402
+cli.add_command(train_group)
+cli.add_command(data_group)
 
 main = guarded(cli, "arle-runtime")

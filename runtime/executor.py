@@ -37,6 +37,21 @@ class Executor(Protocol):
     def decode(self, tokens, positions, past_k, past_v, past_lens, last_index): ...
 
 
+def load_aoti_package(path: str, device_index: int = -1, single_threaded: bool = False):
+    """Load an AOTInductor .pt2 without torch's Python wrapper (aoti_load_package).
+
+    The wrapper only compares the package's recorded device facts with this machine's to
+    log a warning, and to get this machine's CPU vector ISA it compiles and runs small C++
+    probe programs: tens of seconds on a cold start (measured 36+ s on the H200 machine)
+    and C++ sources in the Inductor cache, which a load must not need. The runtime checks
+    compatibility from the manifest instead (runtime/bundle.py).
+    """
+    from torch.export.pt2_archive._package import AOTICompiledModel
+
+    loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", single_threaded, 1, device_index)
+    return AOTICompiledModel(loader)
+
+
 def check_step(limits: StepLimits, tokens: torch.Tensor, past_k: torch.Tensor, decode: bool) -> None:
     batch, new = tokens.shape
     past = past_k.shape[3]
@@ -52,27 +67,39 @@ def check_step(limits: StepLimits, tokens: torch.Tensor, past_k: torch.Tensor, d
         )
 
 
+def load_programs(bundle: Bundle, names, weights: dict[str, torch.Tensor], device_index: int = -1,
+                  single_threaded: bool = False) -> dict:
+    """The named AOTInductor programs, each handed the weights it reads (by reference)."""
+    programs = {}
+    for name in names:
+        entry = bundle.manifest["programs"][name]
+        package = load_aoti_package(str(bundle.root / entry["path"]), device_index, single_threaded)
+        prefix = entry.get("constant_prefix", "")
+        needed = {n: n.removeprefix(prefix) for n in package.get_constant_fqns()}
+        missing = [n for n in needed.values() if n not in weights]
+        if missing:
+            raise ArleError(f"Bundle {bundle.root} lacks the weight {missing[0]} its {name} program needs.")
+        # user_managed: the program reads our tensors in place, no copy.
+        package.load_constants({n: weights[w] for n, w in needed.items()}, check_full_update=True, user_managed=True)
+        programs[name] = package
+    return programs
+
+
 class AotiExecutor:
     """Runs AOTInductor packages built by the cpu target; weights come from the bundle mmap."""
 
-    def __init__(self, bundle: Bundle):
-        programs = bundle.manifest["programs"]
+    program_names = ("prefill", "decode")
+    dense_decode_program = "decode"
+
+    def __init__(self, bundle: Bundle, device: torch.device = torch.device("cpu"), weights=None,
+                 single_threaded: bool = False):
         buckets = bundle.manifest["buckets"]
         self.limits = StepLimits(buckets["max_batch"], buckets["max_prefill_tokens"], buckets["max_context"])
         self.kv_dtype = getattr(torch, bundle.manifest["kv_cache"]["dtype"])
-        self.device = torch.device("cpu")
-        weights = bundle.weights
-        self._programs = {}
-        for name in ("prefill", "decode"):
-            package = torch._inductor.aoti_load_package(str(bundle.root / programs[name]["path"]))
-            needed = package.get_constant_fqns()
-            missing = [n for n in needed if n not in weights]
-            if missing:
-                raise ArleError(f"Bundle {bundle.root} lacks the weight {missing[0]} its {name} program needs.")
-            # user_managed: the program reads our mmapped tensors in place, no copy.
-            package.load_constants({n: weights[n] for n in needed}, check_full_update=True, user_managed=True)
-            self._programs[name] = package
-        self._weights = weights  # keep the mmapped tensors alive
+        self.device = device
+        self._weights = bundle.weights if weights is None else weights  # kept alive: the programs read them
+        index = -1 if device.index is None else device.index
+        self._programs = load_programs(bundle, self.program_names, self._weights, index, single_threaded)
         cfg = bundle.config
         self._cache_dims = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
 
@@ -86,7 +113,7 @@ class AotiExecutor:
 
     def decode(self, tokens, positions, past_k, past_v, past_lens, last_index):
         check_step(self.limits, tokens, past_k, decode=True)
-        return self._programs["decode"](tokens, positions, past_k, past_v, past_lens, last_index)
+        return self._programs[self.dense_decode_program](tokens, positions, past_k, past_v, past_lens, last_index)
 
 
 def load_executor(bundle: Bundle) -> Executor:
@@ -96,4 +123,15 @@ def load_executor(bundle: Bundle) -> Executor:
         if threads:
             torch.set_num_threads(int(threads))
         return AotiExecutor(bundle)
+    if kind == "onnxruntime":
+        from .onnx_executor import OnnxExecutor
+
+        threads = os.environ.get("ARLE_THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))
+        return OnnxExecutor(bundle, threads=int(threads) if threads else None)
+    if kind == "aoti-cuda":
+        from .cuda_executor import CudaGraphExecutor
+
+        return CudaGraphExecutor(bundle)
     raise ArleError(f"Bundle {bundle.root} needs the {kind!r} executor, which this runtime does not have.")

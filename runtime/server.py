@@ -7,6 +7,8 @@ is loaded and one warm-up generation ran), GET /metrics (Prometheus text).
 Every generation goes through the session's BackgroundEngine (its own thread); handlers
 consume request streams with `async for`, so the event loop never blocks on the model.
 A client that goes away cancels its request; a per-request timeout bounds every one.
+Chat requests with `tools` get `tool_calls` back, parsed from the model's Qwen/Hermes
+<tool_call> blocks (runtime/tool_calls.py), streamed as soon as each call is complete.
 Errors are OpenAI error JSON: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -30,6 +32,7 @@ from starlette.routing import Route
 from .engine.scheduler import QueueFullError
 from .errors import ArleError
 from .sampler import SamplingParams
+from .tool_calls import ToolCallStream, parse_tool_calls, validate_message_tool_fields, validate_tool_choice, validate_tools
 
 log = logging.getLogger("arle.server")
 
@@ -71,6 +74,13 @@ class Metrics:
         self.kv_total = Gauge("arle_kv_pages_total", "KV cache pages in the pool.", registry=r)
         self.prefix_hit = Gauge("arle_prefix_cache_hit_rate", "Prompt tokens served by the prefix cache / looked up.",
                                 registry=r)
+        self.prefix_hit_tokens = Counter("arle_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache.",
+                                         registry=r)
+        self.prefix_lookup_tokens = Counter("arle_prefix_cache_lookup_tokens",
+                                            "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.cancelled = Counter("arle_requests_cancelled", "Requests ended early: client gone, timeout or shutdown.",
+                                 registry=r)
+        self._seen = {"prefix_hit_tokens": 0, "prefix_lookup_tokens": 0}
 
     def refresh(self, stats: dict) -> None:
         self.queue.set(stats.get("requests_waiting", 0))
@@ -79,6 +89,12 @@ class Metrics:
         self.kv_total.set(stats.get("kv_pages_total", 0))
         looked = stats.get("prefix_lookup_tokens", 0)
         self.prefix_hit.set(stats.get("prefix_hit_tokens", 0) / looked if looked else 0.0)
+        # The engine keeps running totals; the counters advance by what is new since the last scrape.
+        for name, counter in (("prefix_hit_tokens", self.prefix_hit_tokens),
+                              ("prefix_lookup_tokens", self.prefix_lookup_tokens)):
+            total = stats.get(name, 0)
+            counter.inc(max(0, total - self._seen[name]))
+            self._seen[name] = total
 
 
 # --- request parsing -------------------------------------------------------------------
@@ -162,6 +178,10 @@ def _messages(body: dict) -> list[dict]:
         if content is not None and not isinstance(content, str):
             raise HTTPError(400, f"messages[{i}].content must be a string or a list of text parts.",
                             param=f"messages[{i}].content")
+        try:
+            validate_message_tool_fields(m, f"messages[{i}]")
+        except ArleError as e:
+            raise _from_arle(e) from None
         out.append({**m, "content": content or ""})
     return out
 
@@ -177,6 +197,8 @@ class _Job:
     stream: bool
     include_usage: bool
     arrival: float
+    parse_tools: bool = False  # the answer's <tool_call> blocks become tool_calls
+    parallel_tool_calls: bool = True  # False: only the first call is returned
 
 
 # --- the app ---------------------------------------------------------------------------
@@ -262,9 +284,15 @@ class ServerState:
         stream = _field(body, "stream", bool, False)
         opts = _field(body, "stream_options", dict, {})
         include_usage = bool(opts.get("include_usage", False)) if stream else False
+        parse_tools, parallel = False, True
         try:
             if kind == "chat":
-                prompt_ids = self.session.encode_chat(_messages(body), tools=_field(body, "tools", list, None))
+                tools = validate_tools(body.get("tools"))
+                choice = validate_tool_choice(body.get("tool_choice"), tools)
+                parallel = _field(body, "parallel_tool_calls", bool, True)
+                shown = choice.tools_to_show(tools)
+                parse_tools = bool(shown)
+                prompt_ids = self.session.encode_chat(_messages(body), tools=shown or None)
                 logprobs = None
                 if _field(body, "logprobs", bool, False):
                     logprobs = _field(body, "top_logprobs", int, 0)
@@ -282,7 +310,7 @@ class ServerState:
         params = _sampling(body, len(prompt_ids), limits.max_context, logprobs)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return _Job(kind, f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), self.model, prompt_ids, params,
-                    stream, include_usage, time.perf_counter())
+                    stream, include_usage, time.perf_counter(), parse_tools, parallel)
 
     # pieces of answers
     def _token_text(self, token: int) -> str:
@@ -313,7 +341,7 @@ class ServerState:
     async def outputs(self, job: _Job, stream, request: Request):
         """The request's outputs, with metrics, the timeout, and cancel on disconnect/exit."""
         watcher = asyncio.create_task(self._watch_disconnect(request, stream.request_id))
-        last = None
+        last, cancelled = None, True  # until a final output that is not an abort
         try:
             async with asyncio.timeout(self.request_timeout):
                 async for out in stream:
@@ -325,6 +353,7 @@ class ServerState:
                             self.metrics.itl.observe(now - last)
                         last = now
                     if out.finished:
+                        cancelled = out.finish_reason == "abort"
                         self._observe_end(job, out.result)
                     yield out
         except TimeoutError:
@@ -334,6 +363,8 @@ class ServerState:
             watcher.cancel()
             self.engine.cancel(stream.request_id)  # no-op once it finished
             self.live.discard(stream.request_id)
+            if cancelled:
+                self.metrics.cancelled.inc()
 
     async def _watch_disconnect(self, request: Request, rid: int) -> None:
         with contextlib.suppress(Exception):
@@ -367,9 +398,16 @@ class ServerState:
             raise HTTPError(500, final.error, "server_error", code="engine_error")
         result = final.result
         if job.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+            message, reason = {"role": "assistant", "content": result.text}, final.finish_reason
+            if job.parse_tools:
+                content, calls = parse_tool_calls(result.text)
+                calls = calls if job.parallel_tool_calls else calls[:1]
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+                    reason = _tool_finish(reason)
+            choice = {"index": 0, "message": message,
                       "logprobs": {"content": [self._chat_logprob(o) for o in logprobs]} if job.params.logprobs is not None else None,
-                      "finish_reason": final.finish_reason}
+                      "finish_reason": reason}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": result.text, "logprobs": self._completion_logprobs(logprobs, job),
@@ -401,6 +439,8 @@ class ServerState:
             return f"data: {json.dumps(body)}\n\n"
 
         result = None
+        tools = ToolCallStream() if chat and job.parse_tools else None
+        num_calls = 0
         try:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -411,19 +451,34 @@ class ServerState:
                     yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'param': None, 'code': err.code}})}\n\n"
                     break
                 want_lp = job.params.logprobs is not None and out.token is not None and out.logprob is not None
-                if not out.text and not want_lp and not out.finished:
-                    continue
-                if chat:
-                    choice = {"index": 0, "delta": {"content": out.text} if out.text else {},
-                              "logprobs": {"content": [self._chat_logprob(out)]} if want_lp else None,
-                              "finish_reason": out.finish_reason if out.finished else None}
-                else:
-                    choice = {"index": 0, "text": out.text,
-                              "logprobs": self._completion_logprobs([out], job) if want_lp else None,
-                              "finish_reason": out.finish_reason if out.finished else None}
-                yield chunk(choice)
                 if out.finished:
                     result = out.result
+                if not chat:
+                    if out.text or want_lp or out.finished:
+                        yield chunk({"index": 0, "text": out.text,
+                                     "logprobs": self._completion_logprobs([out], job) if want_lp else None,
+                                     "finish_reason": out.finish_reason if out.finished else None})
+                    continue
+                text, calls = out.text, []
+                if tools is not None:  # raw <tool_call> text never reaches the client
+                    text, calls = tools.feed(out.text)
+                    if out.finished:
+                        text += tools.finish()[0]
+                    if not job.parallel_tool_calls:
+                        calls = calls[: max(0, 1 - num_calls)]
+                reason = None
+                if out.finished:
+                    reason = _tool_finish(out.finish_reason) if num_calls + len(calls) else out.finish_reason
+                if text or want_lp or (out.finished and not calls):
+                    yield chunk({"index": 0, "delta": {"content": text} if text else {},
+                                 "logprobs": {"content": [self._chat_logprob(out)]} if want_lp else None,
+                                 "finish_reason": None if calls else reason})
+                for call in calls:
+                    yield chunk({"index": 0, "delta": {"tool_calls": [{"index": num_calls, **call.to_openai()}]},
+                                 "logprobs": None, "finish_reason": None})
+                    num_calls += 1
+                if out.finished and calls:
+                    yield chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason})
         except HTTPError as e:
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
         if job.include_usage:
@@ -431,6 +486,11 @@ class ServerState:
                     "usage": self._usage(job, result)}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def _tool_finish(reason: str | None) -> str | None:
+    """OpenAI's finish_reason for an answer that called tools (a cut-off one stays "length")."""
+    return "tool_calls" if reason == "stop" else reason
 
 
 def create_app(session, *, api_key: str | None = None, request_timeout: float = 600.0,

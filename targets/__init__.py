@@ -6,7 +6,7 @@ from arle_runtime.errors import ArleError
 
 from .base import Lowered, ShapePlan, Target, decode_buckets
 
-TARGET_NAMES = ("cpu",)
+TARGET_NAMES = ("cpu", "cuda", "onnx")
 
 
 def get_target(name: str) -> Target:
@@ -14,7 +14,15 @@ def get_target(name: str) -> Target:
         from .cpu import CpuTarget
 
         return CpuTarget()
-    if name in ("cuda", "metal", "onnx"):
+    if name == "cuda":
+        from .cuda import CudaTarget
+
+        return CudaTarget()
+    if name == "onnx":
+        from .onnx import OnnxTarget
+
+        return OnnxTarget()
+    if name == "metal":
         raise ArleError(f"The {name} target is not built yet in this version of arlec; use --target cpu.")
     raise ArleError(f"Unknown target {name!r}; choose one of: {', '.join(TARGET_NAMES)}.")
 

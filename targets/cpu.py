@@ -22,16 +22,18 @@ from .base import Lowered, ShapePlan
 SUPPORTED_QUANTS = ("fp32", "bf16", "fp16", "int8", "int4")
 
 
-def example_inputs(model: CausalLM, batch: int, tokens: int, past: int):
+def example_inputs(model: CausalLM, batch: int, tokens: int, past: int, device="cpu"):
     cfg = model.config
-    cache = torch.zeros(cfg.num_layers, batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=model.compute_dtype)
+    cache = torch.zeros(
+        cfg.num_layers, batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=model.compute_dtype, device=device
+    )
     return (
-        torch.zeros(batch, tokens, dtype=torch.long),
-        torch.zeros(batch, tokens, dtype=torch.long),
+        torch.zeros(batch, tokens, dtype=torch.long, device=device),
+        torch.zeros(batch, tokens, dtype=torch.long, device=device),
         cache,
         cache.clone(),
-        torch.zeros(batch, dtype=torch.long),
-        torch.zeros(batch, dtype=torch.long),
+        torch.zeros(batch, dtype=torch.long, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
     )
 
 
@@ -55,9 +57,9 @@ def program_ranges(plan: ShapePlan, prefill: bool) -> dict:
     }
 
 
-def export_step(model: CausalLM, plan: ShapePlan, prefill: bool) -> torch.export.ExportedProgram:
+def export_step(model: CausalLM, plan: ShapePlan, prefill: bool, device="cpu") -> torch.export.ExportedProgram:
     # Example sizes above 1 keep torch.export from specializing a dynamic dim to 1.
-    args = example_inputs(model, batch=2, tokens=3 if prefill else 1, past=5)
+    args = example_inputs(model, batch=2, tokens=3 if prefill else 1, past=5, device=device)
     model.use_split_attention(not prefill)
     try:
         with torch.no_grad(), warnings.catch_warnings():

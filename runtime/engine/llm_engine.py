@@ -8,7 +8,9 @@ loop (runtime/generate.py), and streamed text holds back what may begin one.
 
 Thread safety: `add_request` and `abort` may be called from other threads while
 `step()` runs. The forward pass runs outside the lock; the scheduler is built for
-requests that end while their step is in flight (postprocess skips them).
+requests that end while their step is in flight (postprocess skips them). An abort of a
+request in the running forward pass waits for that pass to return: the runner reads the
+page table that freeing the pages would clear (an abort mid-pass failed the whole batch).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class Engine:
         self.runner = ModelRunner(executor, pages)
         self._requests: dict[int, _Request] = {}
         self._pending: list[RequestOutput] = []  # finals of aborts, handed out by the next step
+        self._in_flight: set[int] = set()  # requests of the forward pass running now
+        self._deferred_aborts: list[int] = []  # aborts of those, applied when the pass returns
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._stepping = threading.Lock()
@@ -129,12 +133,16 @@ class Engine:
             return rid
 
     def abort(self, request_id: int) -> bool:
-        """End a request now (its pages are freed); its final output (finish_reason
-        "abort") comes with the next step. False when it is unknown or already done."""
+        """End a request now (its pages are freed; if a forward pass is using them, as soon
+        as it returns); its final output (finish_reason "abort") comes with the next step
+        (or the running one). False when it is unknown or already done."""
         with self._lock:
             req = self._requests.get(request_id)
-            if req is None:
+            if req is None or request_id in self._deferred_aborts:
                 return False
+            if request_id in self._in_flight:
+                self._deferred_aborts.append(request_id)
+                return True
             self.scheduler.abort(request_id)
             self._pending.append(self._final(req))
             return True
@@ -171,17 +179,22 @@ class Engine:
                     return outputs
                 plan = self.scheduler.schedule()
                 outputs += [self._final(self._requests[seq.seq_id]) for seq in plan.finished]
+                ids = [s.seq_id for s in plan.decodes] + [c.seq.seq_id for c in plan.prefills]
+                self._in_flight = set(ids)
             if plan.is_empty:
                 return outputs
             try:
-                logits = self.runner.run(plan)
+                try:
+                    logits = self.runner.run(plan)
+                finally:
+                    with self._lock:
+                        outputs += self._apply_deferred_aborts()
                 with self._lock:
                     sampled = self._sample(plan, logits)
             except Exception as e:  # noqa: BLE001 - any failure ends these requests, not the loop
                 message = e.message if isinstance(e, ArleError) else f"internal error in the engine step: {e!r}"
                 if not isinstance(e, ArleError):
                     log.exception("engine step failed; ending its %d requests", len(plan.sampling))
-                ids = [s.seq_id for s in plan.decodes] + [c.seq.seq_id for c in plan.prefills]
                 with self._lock:
                     return outputs + self._fail(ids, message)
             with self._lock:
@@ -192,6 +205,17 @@ class Engine:
             return outputs
         finally:
             self._stepping.release()
+
+    def _apply_deferred_aborts(self) -> list[RequestOutput]:
+        """The forward pass returned: end the requests aborted while it ran (postprocess skips them)."""
+        aborted, self._deferred_aborts, self._in_flight = self._deferred_aborts, [], set()
+        outputs = []
+        for rid in aborted:
+            req = self._requests.get(rid)
+            if req is not None:
+                self.scheduler.abort(rid)
+                outputs.append(self._final(req))
+        return outputs
 
     def _sample(self, plan: StepPlan, logits) -> list[tuple[int, object]]:
         sampled = []

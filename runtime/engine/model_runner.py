@@ -1,18 +1,18 @@
 """Tensors in, logits out: runs a StepPlan on an executor over a paged KV pool.
 
-The pool is two tensors, K and V, of shape [L, slots + 1, Hkv, D]: slot s is page
+The pool is two tensors, K and V, of shape [L, slots + 2, Hkv, D]: slot s is page
 s // page_size, offset s % page_size, so `PageManager.slots` indexes it directly and a
 page copy is a 16-slot index copy. Slot-major (slots before heads) keeps one position's
-K for all heads contiguous, which is what a scatter of new tokens writes; the extra last
-slot is kept at zero and pads shorter rows of a batch (a masked position still enters
-the attention's value product as 0 * value, so padding must be finite, never
-uninitialised memory).
+K for all heads contiguous, which is what a scatter of new tokens writes. Two extra
+slots: the first is kept at zero and pads shorter rows of a gathered batch (a masked
+position still enters the attention's value product as 0 * value, so padding must be
+finite, never uninitialised memory); the second takes the K/V written by padded rows of
+a CUDA-graph decode bucket.
 
-The compiled steps take a dense past [L, B, Hkv, P, D], so each step gathers every
-running sequence's past out of its pages into one padded tensor (P = longest past in
-the batch, rows masked by past_lens). That copy is O(batch * context) per step, the
-price of programs without a paged-attention kernel; a CUDA target with paged kernels
-would read the pool in place.
+The cpu programs take a dense past [L, B, Hkv, P, D], so each step gathers every running
+sequence's past out of its pages into one padded tensor (P = longest past in the batch,
+rows masked by past_lens): O(batch * context) per step. A paged executor (cuda) decodes
+straight from the pool through the page tables; its prefill chunks still gather.
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ class KVLayout:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
 
+def default_kv_budget(device: torch.device) -> int:
+    """1 GiB of host memory on a CPU; on a GPU, half of what is free after the weights
+    (the rest is for activations, CUDA graphs and the sampler)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return DEFAULT_KV_MEMORY_BYTES
+
+
 def pool_pages(
     executor: Executor,
     page_size: int,
@@ -56,7 +65,7 @@ def pool_pages(
     kv_memory_bytes: int | None = None,
 ) -> int:
     """How many KV pages to allocate: `kv_pages` if given; else room for max_batch
-    sequences of the full context, capped by the memory budget (default 1 GiB), but
+    sequences of the full context, capped by the memory budget (default_kv_budget), but
     never below one full-context sequence (a bundle must run its own context)."""
     if kv_pages is not None:
         if kv_pages < 1:
@@ -65,7 +74,7 @@ def pool_pages(
     limits = executor.limits
     per_page = KVLayout.of(executor).bytes_per_token * page_size
     want = limits.max_batch * -(-limits.max_context // page_size)
-    budget = DEFAULT_KV_MEMORY_BYTES if kv_memory_bytes is None else kv_memory_bytes
+    budget = default_kv_budget(executor.device) if kv_memory_bytes is None else kv_memory_bytes
     floor = -(-limits.max_context // page_size)
     return max(min(want, budget // per_page), floor)
 
@@ -80,13 +89,17 @@ class ModelRunner:
         self.layout = KVLayout.of(executor)
         lay = self.layout
         self.num_slots = pages.num_pages * pages.page_size
-        shape = (lay.num_layers, self.num_slots + 1, lay.num_kv_heads, lay.head_dim)
+        shape = (lay.num_layers, self.num_slots + 2, lay.num_kv_heads, lay.head_dim)
         # empty: the OS commits pool memory as pages are first written, not at start.
         self.k = torch.empty(shape, dtype=lay.dtype, device=executor.device)
         self.v = torch.empty_like(self.k)
         self.k[:, self.num_slots].zero_()
         self.v[:, self.num_slots].zero_()
         self.pad_slot = self.num_slots
+        self.scratch_slot = self.num_slots + 1
+        self.paged = getattr(executor, "paged", False)
+        if self.paged:
+            executor.bind_kv_pool(self.k, self.v, self.scratch_slot)
         self._offsets = torch.arange(pages.page_size, device=executor.device)
         self._layer_index = torch.arange(lay.num_layers, device=executor.device)[:, None, None, None]
         self._head_index = torch.arange(lay.num_kv_heads, device=executor.device)[None, None, :, None]
@@ -133,6 +146,14 @@ class ModelRunner:
 
     def _decode(self, batch: list[Sequence]) -> torch.Tensor:
         positions = [seq.num_tokens - 1 for seq in batch]  # == num_computed: the one uncomputed token
+        if self.paged:
+            ps = self.pages.page_size
+            return self.executor.decode_paged(
+                [seq.last_token for seq in batch],
+                positions,
+                [self.pages.slots(seq, p, 1)[0] for seq, p in zip(batch, positions)],
+                [seq.page_table[: p // ps + 1] for seq, p in zip(batch, positions)],
+            )
         past_k, past_v = self.gather(batch, positions)
         pos = self._long(positions)
         tokens = self._long([[seq.last_token] for seq in batch])

@@ -27,7 +27,8 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from arle_models import RopeConfig, build_model  # noqa: E402
-from arlec.sources import default_model_path, load_gguf, load_hf_folder, rope_from_hf  # noqa: E402
+from arlec.sources import default_model_path, load_gguf, load_hf_folder  # noqa: E402
+from arle_runtime.hf_config import rope_from_hf  # noqa: E402
 
 # |ours - transformers| <= LOGIT_RTOL * max(1, max |logit|): float32 round-off only. Measured
 # here (one thread): all_logits bit-identical (0); decode-step logits within 2e-6 (random

@@ -29,9 +29,20 @@ def test_runtime_modules_import_no_compiler_packages():
     assert proc.stdout.strip() == "", f"runtime imported {proc.stdout.strip()}"
 
 
+# The onnx executor imports onnxruntime inside a function, only when an onnx bundle loads
+# (the first test checks that importing the runtime does not pull it in).
+LAZY_ALLOWED = {"onnx_executor.py": ("onnxruntime",)}
+
+
 def test_runtime_sources_have_no_compiler_imports():
     import re
 
-    pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(FORBIDDEN)})\b", re.M)
-    offenders = [p.name for p in RUNTIME.rglob("*.py") if pattern.search(p.read_text())]
+    offenders = []
+    for p in RUNTIME.rglob("*.py"):
+        allowed = LAZY_ALLOWED.get(p.name, ())
+        names = [n for n in FORBIDDEN if n not in allowed]
+        pattern = re.compile(rf"^\s*(from|import)\s+({'|'.join(names)})\b", re.M)
+        top_level = re.compile(rf"^(from|import)\s+({'|'.join(allowed)})\b", re.M) if allowed else None
+        if pattern.search(p.read_text()) or (top_level and top_level.search(p.read_text())):
+            offenders.append(p.name)
     assert offenders == []

@@ -1,17 +1,25 @@
 """`arle-runtime serve`: the OpenAI-compatible server, run as a user would (a subprocess on a
-loopback port) and driven with the official `openai` client and with raw httpx."""
+loopback port) and driven with the official `openai` client and with raw httpx.
+
+The tiny random model answers garbage, so tool_calls answers are checked on the real
+app over a scripted engine (in process, same HTTP path); the live servers check that
+tool requests are accepted and answered in shape. Servers run with ARLE_THREADS=1."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -38,7 +46,7 @@ class Server:
         self._logf = open(log, "w")
         self.proc = subprocess.Popen(
             [str(exe), "serve", str(bundle), "--port", str(self.port), "--no-verify", *args],
-            stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ),
+            stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO, env={"ARLE_THREADS": "1", **os.environ},
         )
 
     def wait_ready(self, timeout: float = 90.0) -> None:
@@ -67,9 +75,9 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    srv = Server(tiny_bundle, tmp_path_factory.mktemp("server") / "server.log", "--api-key", KEY)
+def running_server(bundle, log_dir, *args):
+    """A started, ready server for a module's tests; stopped after them."""
+    srv = Server(bundle, log_dir / "server.log", *args)
     try:
         srv.wait_ready()
         yield srv
@@ -77,9 +85,18 @@ def server(tiny_bundle, tmp_path_factory):
         srv.stop()
 
 
+def bundle_model_name(bundle) -> str:
+    return json.loads((bundle / "manifest.json").read_text()).get("name", bundle.name)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    yield from running_server(tiny_bundle, tmp_path_factory.mktemp("server"), "--api-key", KEY)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_bundle) -> str:
-    return json.loads((tiny_bundle / "manifest.json").read_text()).get("name", tiny_bundle.name)
+    return bundle_model_name(tiny_bundle)
 
 
 @pytest.fixture
@@ -95,6 +112,11 @@ def _post(server, path: str, body, headers=None, **kw) -> httpx.Response:
 
 
 MESSAGES = [{"role": "user", "content": "Say hi"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                          "parameters": {"type": "object", "properties": {}}}}
 
 
 def _chat_stream_text(client, model) -> str:
@@ -134,11 +156,11 @@ def test_completions_and_include_usage(client, model):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_concurrent_streams_match_alone(client, model):
+def test_32_concurrent_streams_match_alone(client, model):
     alone = _chat_stream_text(client, model)
-    with ThreadPoolExecutor(8) as pool:
-        texts = list(pool.map(lambda _: _chat_stream_text(client, model), range(8), timeout=60))
-    assert texts == [alone] * 8
+    with ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(lambda _: _chat_stream_text(client, model), range(32), timeout=60))
+    assert texts == [alone] * 32
 
 
 def test_bad_json_is_400(server):
@@ -208,18 +230,370 @@ def test_metrics_move(server, client, model):
     assert _metric(after, "arle_e2e_request_latency_seconds_count") > _metric(before, "arle_e2e_request_latency_seconds_count")
 
 
-def test_sigterm_exits_zero(tiny_bundle, tmp_path, model):
-    srv = Server(tiny_bundle, tmp_path / "server.log")
-    srv.wait_ready()
-    ok = httpx.post(srv.url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2}, timeout=TIMEOUT)
-    assert ok.status_code == 200
-    start = time.monotonic()
-    srv.proc.send_signal(signal.SIGTERM)
+def _metrics(server) -> str:
+    return httpx.get(server.url + "/metrics", timeout=TIMEOUT).text
+
+
+def _wait_for(condition, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not hold within {timeout} s")
+
+
+# A system prompt of 3+ full KV pages (16 tokens each) once templated; every prompt below fits the tiny
+# model's 64-token context.
+SHARED_SYSTEM = ("You are a careful assistant for a small family bakery in Lyon. Answer in one short sentence, "
+                 "politely and warmly, and never invent prices, opening hours, or ingredients you do not know for sure.")
+
+
+def test_shared_system_prompt_hits_the_prefix_cache(server, client, model):
+    def ask(question):
+        return client.chat.completions.create(
+            model=model, max_tokens=2, temperature=0,
+            messages=[{"role": "system", "content": SHARED_SYSTEM}, {"role": "user", "content": question}])
+
+    ask("Hi")  # fills the cache
+    before = _metrics(server)
+    cached = [ask(q).usage.prompt_tokens_details.cached_tokens for q in ("Bread?", "Cake?", "Tea?")]
+    after = _metrics(server)
+    assert all(c >= 48 for c in cached), cached
+    hits = _metric(after, "arle_prefix_cache_hit_tokens_total") - _metric(before, "arle_prefix_cache_hit_tokens_total")
+    assert hits >= sum(cached)
+    assert _metric(after, "arle_prefix_cache_hit_rate") > 0
+
+
+def test_invalid_tools_are_400_with_param(server, model):
+    bad = [
+        ({"type": "function"}, "tools"),
+        ([{"type": "function", "function": {"description": "no name"}}], "tools[0].function.name"),
+        ([{"type": "function", "function": {"name": "f", "parameters": "object"}}], "tools[0].function.parameters"),
+    ]
+    for tools, param in bad:
+        r = _post(server, "/v1/chat/completions", {"model": model, "messages": MESSAGES, "tools": tools})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error", err
+    r = _post(server, "/v1/chat/completions", {"model": model, "messages": MESSAGES, "tools": [WEATHER],
+                                                "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+# --- a server with one running slot, one queue place and 8 KV pages ------------------------------
+
+
+@pytest.fixture(scope="module")
+def narrow_server(tiny_bundle, tmp_path_factory):
+    srv = Server(tiny_bundle, tmp_path_factory.mktemp("narrow") / "server.log",
+                 "--max-batch", "1", "--max-queue", "1", "--kv-pages", "8")
     try:
-        rc = srv.proc.wait(10)
-    except subprocess.TimeoutExpired:
+        srv.wait_ready()
+        yield srv
+    finally:
         srv.stop()
+
+
+def test_kv_pages_option_sizes_the_pool(narrow_server):
+    assert _metric(_metrics(narrow_server), "arle_kv_pages_total") == 8
+
+
+def test_full_queue_is_429(narrow_server, model):
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}
+
+    def post(_):
+        return httpx.post(narrow_server.url + "/v1/completions", json=body, timeout=TIMEOUT)
+
+    for _ in range(3):  # each round floods 12 requests at 1 running + 1 waiting; retried in case one drains too fast
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(post, range(12), timeout=60))
+        if any(r.status_code == 429 for r in answers):
+            break
+    codes = {r.status_code for r in answers}
+    assert codes <= {200, 429} and 200 in codes and 429 in codes, codes
+    err = next(r for r in answers if r.status_code == 429).json()["error"]
+    assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+
+
+def test_bad_kv_pages_is_a_one_line_error(tiny_bundle):
+    from conftest import assert_clean_error, run_cli
+
+    for value, says in (("0", "at least 1"), ("10000000000000", "more than")):
+        proc = run_cli("arle-runtime", "serve", str(tiny_bundle), "--no-verify", "--kv-pages", value, timeout=60,
+                       env={"ARLE_THREADS": "1"})
+        assert proc.returncode == 2
+        assert_clean_error(proc, says)
+
+
+# --- the default SmolLM2 bundle: long answers (for mid-stream events) and a real tools prompt -----
+
+
+@pytest.fixture(scope="module")
+def smol_server(default_bundle, tmp_path_factory):
+    yield from running_server(default_bundle, tmp_path_factory.mktemp("smol"))
+
+
+@pytest.fixture(scope="module")
+def smol_model(default_bundle) -> str:
+    return bundle_model_name(default_bundle)
+
+
+def _well_formed_tool_calls(tool_calls) -> None:
+    for call in tool_calls or []:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name
+        assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_tools_request_is_answered_in_shape(smol_server, smol_model):
+    client = openai.OpenAI(base_url=f"{smol_server.url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    resp = client.chat.completions.create(model=smol_model, messages=messages, tools=[WEATHER, TIME],
+                                          tool_choice="auto", max_tokens=12, temperature=0)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length", "tool_calls")
+    assert resp.usage.prompt_tokens > 100  # the tools section is in the prompt
+    _well_formed_tool_calls(choice.message.tool_calls)
+    assert "<tool_call>" not in (choice.message.content or "") or not choice.message.tool_calls
+
+    # A conversation that already called the tool and got its result, streamed.
+    history = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'},
+    ]
+    chunks = list(client.chat.completions.create(model=smol_model, messages=history, tools=[WEATHER],
+                                                 max_tokens=12, temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert all(c.choices[0].delta.content is None or "<tool_call>" not in c.choices[0].delta.content for c in chunks)
+
+
+def _stream_lines(url: str, body: dict) -> list[str]:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
+        return [line for line in r.iter_lines() if line]
+
+
+def _has_token(line: str) -> bool:
+    return '"content": "' in line and '"content": ""' not in line
+
+
+def test_client_disconnect_cancels_and_frees_pages(smol_server, smol_model):
+    idle = _metrics(smol_server)
+    assert _metric(idle, "arle_kv_pages_in_use") == 0
+    story = [{"role": "user", "content": "Tell me a very long story."}]
+    body = {"model": smol_model, "messages": story, "max_tokens": 400, "temperature": 0, "stream": True}
+    # Two streams share the batch with the one that goes away: its abort lands while their
+    # forward pass runs, and must not end them (it once failed the whole batch).
+    with ThreadPoolExecutor(2) as pool:
+        others = [pool.submit(_stream_lines, smol_server.url, {**body, "max_tokens": 30}) for _ in range(2)]
+        with httpx.stream("POST", smol_server.url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
+            lines = r.iter_lines()  # kept referenced: dropping the iterator early closes the connection
+            for line in lines:
+                if _has_token(line):
+                    break
+            assert _metric(_metrics(smol_server), "arle_kv_pages_in_use") > 0
+        # leaving the block closes the connection mid-stream
+        for other in others:
+            last = [json.loads(x[6:]) for x in other.result(TIMEOUT) if x.startswith("data: {")][-1]
+            assert last["choices"][0]["finish_reason"] == "length", last
+
+    def cancelled_and_freed():
+        now = _metrics(smol_server)
+        return (_metric(now, "arle_kv_pages_in_use") == 0
+                and _metric(now, "arle_requests_cancelled_total") == _metric(idle, "arle_requests_cancelled_total") + 1)
+
+    _wait_for(cancelled_and_freed, 10, "cancel on disconnect")
+    generated = _metric(_metrics(smol_server), "arle_completion_tokens_total") - \
+        _metric(idle, "arle_completion_tokens_total")
+    assert generated < 2 * 30 + 400
+
+
+def test_sigterm_during_a_stream_ends_it_and_exits_zero(default_bundle, smol_model, tmp_path):
+    srv = Server(default_bundle, tmp_path / "server.log")
+    srv.wait_ready()
+    body = {"model": smol_model, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    streaming, seen = threading.Event(), {"lines": [], "error": None}
+
+    def consume():
+        try:
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as r:
+                for line in r.iter_lines():
+                    seen["lines"].append(line)
+                    if _has_token(line):
+                        streaming.set()
+        except httpx.HTTPError as e:  # the connection may close before the stream's last lines
+            seen["error"] = e
+        finally:
+            streaming.set()
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        assert streaming.wait(TIMEOUT), "no token arrived"
+        start = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        rc = srv.proc.wait(10)
+        elapsed = time.monotonic() - start
+        reader.join(10)
+        assert not reader.is_alive(), "the client is still waiting on the stream"
+    except subprocess.TimeoutExpired:
         raise AssertionError(f"no exit within 10 s after SIGTERM:\n{srv.log.read_text()[-3000:]}") from None
-    srv.stop()
+    finally:
+        srv.stop()
     assert rc == 0, srv.log.read_text()[-3000:]
-    assert time.monotonic() - start < 10
+    assert elapsed < 8
+    ended = seen["error"] is not None or "data: [DONE]" in seen["lines"]
+    assert ended, seen["lines"][-3:]
+    finish = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in seen["lines"]
+              if x.startswith("data: {") and '"finish_reason": "' in x]
+    assert finish in ([], ["abort"]), finish
+
+
+# --- tool_calls answers through the real app over a scripted engine -------------------------------
+
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+class _ScriptedStream:
+    """Stands in for a RequestStream: the reply, a few characters per output, then the final."""
+
+    def __init__(self, request_id: int, reply: str, prompt_tokens: int):
+        self.request_id, self.reply, self.prompt_tokens = request_id, reply, prompt_tokens
+
+    async def __aiter__(self):
+        from arle_runtime.engine.llm_engine import Completion, RequestOutput
+
+        pieces = [self.reply[i:i + 3] for i in range(0, len(self.reply), 3)]
+        for k, piece in enumerate(pieces):
+            await asyncio.sleep(0)
+            yield RequestOutput(self.request_id, k, piece)
+        result = Completion(text=self.reply, token_ids=list(range(len(pieces))), prompt_tokens=self.prompt_tokens,
+                            finish_reason="stop", ttft_s=0.0, total_s=0.0, request_id=self.request_id)
+        yield RequestOutput(self.request_id, None, "", True, "stop", result=result)
+
+
+class _ScriptedSession:
+    """What create_app needs of a Session, answering every request with `reply` and keeping
+    the rendered prompts; the chat template is SmolLM2's (it does not know tools)."""
+
+    def __init__(self):
+        from arle_runtime.chat import ChatTemplate
+
+        self.bundle = SimpleNamespace(name="scripted")
+        self.executor = SimpleNamespace(limits=SimpleNamespace(max_context=4096))
+        self.template = ChatTemplate(SMOLLM2_TEMPLATE, None, None)
+        self.reply, self.prompts = "", []
+        self._ids = itertools.count()
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def encode_chat(self, messages, tools=None) -> list[int]:
+        self.prompts.append(self.template.render(messages, tools=tools))
+        return self.encode(self.prompts[-1])
+
+    def background(self):
+        session = self
+        return SimpleNamespace(
+            engine=SimpleNamespace(stats=dict),
+            submit=lambda ids, params: _ScriptedStream(next(session._ids), session.reply, len(ids)),
+            cancel=lambda rid: False,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    from starlette.testclient import TestClient
+
+    from arle_runtime.server import create_app
+
+    session = _ScriptedSession()
+    with TestClient(create_app(session)) as http:
+        _wait_for(lambda: http.get("/readyz").status_code == 200, 10, "scripted app ready")
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        yield session, client
+
+
+CALL_PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CALL_TIME = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+ASK = [{"role": "user", "content": "Weather in Paris, and the time?"}]
+
+
+def test_tool_call_answer(scripted):
+    session, client = scripted
+    session.reply = "Let me check.\n" + CALL_PARIS
+    resp = client.chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER, TIME])
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    system = session.prompts[-1].split("<|im_end|>")[0]
+    assert "<tools>\n" + json.dumps(WEATHER) + "\n" + json.dumps(TIME) + "\n</tools>" in system
+
+
+def test_tool_calls_stream_as_deltas_without_raw_tags(scripted):
+    session, client = scripted
+    session.reply = CALL_PARIS + "\n" + CALL_TIME
+    chunks = list(client.chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER, TIME], stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert content == ""
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+        [(0, "get_weather", {"city": "Paris"}), (1, "get_time", {})]
+    assert all(d.id.startswith("call_") and d.type == "function" for d in deltas)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_parallel_tool_calls_false_keeps_the_first(scripted):
+    session, client = scripted
+    session.reply = CALL_PARIS + CALL_TIME
+    resp = client.chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER, TIME],
+                                          parallel_tool_calls=False)
+    assert [c.function.name for c in resp.choices[0].message.tool_calls] == ["get_weather"]
+
+
+def test_tool_choice_none_hides_tools_and_keeps_text(scripted):
+    session, client = scripted
+    session.reply = CALL_PARIS
+    resp = client.chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER], tool_choice="none")
+    assert resp.choices[0].message.tool_calls is None and resp.choices[0].message.content == CALL_PARIS
+    assert resp.choices[0].finish_reason == "stop" and "<tools>" not in session.prompts[-1]
+
+
+def test_named_tool_choice_shows_only_that_tool(scripted):
+    session, client = scripted
+    session.reply = CALL_TIME
+    resp = client.chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER, TIME],
+                                          tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert resp.choices[0].message.tool_calls[0].function.name == "get_time"
+    assert "get_time" in session.prompts[-1] and "get_weather" not in session.prompts[-1].split("<|im_end|>")[0]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="scripted", messages=ASK, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert e.value.body["param"] == "tool_choice"
+
+
+def test_tool_results_in_history_are_rendered(scripted):
+    session, client = scripted
+    session.reply = "It is sunny in Paris."
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    resp = client.chat.completions.create(model="scripted", messages=history, tools=[WEATHER])
+    assert resp.choices[0].message.content == "It is sunny in Paris." and resp.choices[0].finish_reason == "stop"
+    prompt = session.prompts[-1]
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' \
+        in prompt
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in prompt

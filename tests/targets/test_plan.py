@@ -37,7 +37,7 @@ def test_unknown_and_unbuilt_targets_are_refused():
     with pytest.raises(ArleError, match="Unknown target"):
         get_target("tpu")
     with pytest.raises(ArleError, match="not built yet"):
-        get_target("cuda")
+        get_target("metal")
     with pytest.raises(ArleError, match="does not support"):
         get_target("cpu").check("fp8")
 

@@ -1,0 +1,221 @@
+"""CUDA benchmark: arle's cuda bundle against transformers on the same weights, one run.
+
+    python benchmarks/cuda_h200.py --work /tmp/bench --out docs/perf/cuda-h200.json
+
+Qwen3-0.6B shape with random bf16 weights (benchmarks/random_checkpoint.py), 128 prompt /
+128 output tokens, greedy. Measures: build time, cold start (new process -> first token),
+batch-1 decode through the engine (CUDA graphs), transformers eager and compiled (static
+cache + torch.compile) on the same weights, greedy agreement with transformers, and
+engine throughput at 16 and 64 concurrent requests (in-process; --server adds the same
+through `arle-runtime serve` over loopback, which needs starlette and uvicorn: on the GPU
+image, carry their wheels as the device tool's README says).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+PROMPT_TOKENS, NEW_TOKENS = 128, 128
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prompt_ids(seed: int, n: int = PROMPT_TOKENS, vocab: int = 151936) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def build(ckpt: Path, bundle: Path, quant: str, max_batch: int) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(
+        ["arlec", "build", "--model", str(ckpt), "--target", "cuda", "--quant", quant, "--max-batch", str(max_batch),
+         "--max-context", "1024", "--out", str(bundle), "--force"],
+        capture_output=True, text=True,
+    )
+    if proc.returncode:
+        raise SystemExit(f"build failed:\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - started
+
+
+def cold_start(bundle: Path) -> float:
+    """New process -> first generated text on stdout (the bundle's files are in the page cache)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        ["arle-runtime", "run", str(bundle), "--raw", "--prompt", "w5 w6 w7", "--max-tokens", "4", "--no-verify"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    first = proc.stdout.read(1)
+    elapsed = time.perf_counter() - started
+    proc.communicate(timeout=120)
+    if not first or proc.returncode:
+        raise SystemExit(f"cold start run failed: {proc.returncode}")
+    return elapsed
+
+
+def engine_numbers(bundle: Path) -> dict:
+    from arle_runtime.engine import Engine, EngineConfig
+    from arle_runtime.sampler import SamplingParams
+    from arle_runtime.session import Session
+
+    session = Session.open(bundle, verify=False)
+    engine = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=64))
+    greedy = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    engine.generate([prompt_ids(99)], greedy)  # warm-up
+    runs = [engine.generate([prompt_ids(0)], greedy)[0] for _ in range(3)]
+    best = max(runs, key=lambda r: r.decode_tok_s)
+    out = {
+        "cuda_graphs": session.executor.use_graphs,
+        "decode_bs1_tok_s": round(best.decode_tok_s, 1),
+        "ttft_bs1_ms": round(best.ttft_s * 1000, 2),
+        "greedy_ids": runs[0].token_ids,
+        "graph_capture_s": round(session.executor.graph_capture_s, 2),
+    }
+    for c in (16, 64):
+        prompts = [prompt_ids(1000 + i) for i in range(c)]
+        engine.generate(prompts[:2], greedy)
+        started = time.perf_counter()
+        results = engine.generate(prompts, greedy)
+        elapsed = time.perf_counter() - started
+        out[f"engine_c{c}_tok_s"] = round(sum(len(r.token_ids) for r in results) / elapsed, 1)
+        out[f"engine_c{c}_ttft_ms_p50"] = round(sorted(r.ttft_s for r in results)[c // 2] * 1000, 1)
+    del engine, session
+    torch.cuda.empty_cache()
+    return out
+
+
+def server_numbers(bundle: Path, levels=(16, 64), max_tokens: int = NEW_TOKENS) -> dict:
+    """Output tok/s, TTFT and ITL through `arle-runtime serve` on loopback (benchmarks/serve_load.py's
+    closed-loop client); needs starlette and uvicorn (carry their wheels to the GPU machine)."""
+    import asyncio
+
+    import httpx
+    from serve_load import Server, free_port, run_level, summarize
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("arle-runtime")
+    server = Server("arle", [str(exe), "serve", str(bundle), "--port", str(port), "--max-batch", "64", "--no-verify"],
+                    port, dict(os.environ), Path("/tmp/arle-serve.log"))
+    out = {}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=600) as client:
+            await server.wait_ready(client)
+            out["server_ready_s"] = round(server.load_s, 2)
+            for c in levels:
+                prompts = [" ".join(f"w{t}" for t in prompt_ids(5000 + c * 10 + i)) for i in range(2 * c)]
+                await run_level(client, server, prompts[:c], c, 8, None)  # warm-up burst
+                records, wall = await run_level(client, server, prompts, c, max_tokens, None)
+                summary = summarize(records, wall, c)
+                out[f"throughput_c{c}_tok_s"] = round(summary["output_tok_s"], 1)
+                out[f"ttft_ms_p50_c{c}"] = summary["ttft_ms"]["p50"]
+                out[f"itl_ms_p50_c{c}"] = summary["itl_ms"]["p50"]
+                out[f"errors_c{c}"] = summary["errors"]
+                if summary["errors"]:
+                    out[f"error_samples_c{c}"] = summary["error_samples"]
+
+    server.start()
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
+    return out
+
+
+def hf_numbers(ckpt: Path, compile_too: bool) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([prompt_ids(0)], device="cuda")
+
+    def timed(**kw):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kw)
+        torch.cuda.synchronize()
+        return out[0, ids.shape[1]:].tolist(), time.perf_counter() - started
+
+    timed()  # warm-up
+    tokens, eager_s = timed()
+    out = {"hf_greedy_ids": tokens, "hf_eager_bs1_tok_s": round(NEW_TOKENS / eager_s, 1)}
+    if compile_too:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        kw = {"cache_implementation": "static"}
+        timed(**kw)
+        timed(**kw)
+        _, compiled_s = timed(**kw)
+        out["hf_compile_bs1_tok_s"] = round(NEW_TOKENS / compiled_s, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="build/cuda-bench")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quant", default="bf16")
+    parser.add_argument("--no-hf-compile", action="store_true")
+    parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
+    args = parser.parse_args()
+    from arle_runtime.preload import reexec_with_system_libstdcxx
+
+    reexec_with_system_libstdcxx()  # before anything loads an AOTInductor package
+    from random_checkpoint import write_checkpoint
+
+    work = Path(args.work)
+    ckpt = work / "qwen3-0.6b-random"
+    if not (ckpt / "config.json").exists():
+        log("writing the random Qwen3-0.6B checkpoint")
+        write_checkpoint("qwen3-0.6b", ckpt)
+    bundle = work / f"qwen3-0.6b-{args.quant}-cuda.arle"
+    result = {"shape": "qwen3-0.6b (random weights)", "quant": args.quant, "prompt_tokens": PROMPT_TOKENS,
+              "new_tokens": NEW_TOKENS, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "command": "python benchmarks/cuda_h200.py " + " ".join(sys.argv[1:]), "errors": {}}
+
+    def save():
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    def phase(name, fn):
+        log(name)
+        try:
+            value = fn()
+            result.update(value if isinstance(value, dict) else {name: value})
+        except BaseException as e:  # keep what the other phases measured
+            result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"{name} failed: {result['errors'][name]}")
+        save()
+
+    if not bundle.exists():
+        phase("build_s", lambda: round(build(ckpt, bundle, args.quant, 64), 1))
+    phase("cold_start_s", lambda: round(min(cold_start(bundle) for _ in range(2)), 2))
+    phase("engine", lambda: engine_numbers(bundle))
+    if "decode_bs1_tok_s" in result:
+        os.environ["ARLE_CUDA_GRAPHS"] = "0"
+        phase("engine_without_graphs", lambda: {
+            "decode_bs1_tok_s_without_graphs": engine_numbers(bundle)["decode_bs1_tok_s"]})
+        os.environ.pop("ARLE_CUDA_GRAPHS")
+    if args.server:
+        phase("server", lambda: server_numbers(bundle))
+    phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile))
+    ours, theirs = result.pop("greedy_ids", None), result.pop("hf_greedy_ids", None)
+    if ours and theirs:
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        result["greedy_matches_transformers"] = ours == theirs
+        result["greedy_tokens_equal_before_first_difference"] = same
+    save()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Random-weight checkpoints in Hugging Face layout, for shapes we have no weights for here
+(Qwen3-0.6B and others): transformers' own model class and initialisation, saved with
+a word-level tokenizer ("w<id>" per token) and a ChatML template.
+
+    python benchmarks/random_checkpoint.py --shape qwen3-0.6b --out build/qwen3-0.6b-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SHAPES = {
+    # Qwen3-0.6B's published config (28 layers, 16 query / 8 KV heads of 128, tied embeddings).
+    "qwen3-0.6b": dict(
+        arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    # A small Llama for quick GPU tests (head dim 64, 4 query heads per KV head).
+    "llama-tiny": dict(
+        arch="llama", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32 * 2, max_position_embeddings=2048,
+        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    ),
+}
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def word_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    return tok.to_str()
+
+
+def write_checkpoint(shape: str, out: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+    import torch
+    import transformers
+
+    dims = dict(SHAPES[shape])
+    arch = dims.pop("arch")
+    config_cls, model_cls = {
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }[arch]
+    config = config_cls(**dims, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = model_cls(config).to(getattr(torch, dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "tokenizer.json").write_text(word_tokenizer_json(config.vocab_size))
+    (out / "chat_template.jinja").write_text(CHATML)
+    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_checkpoint(args.shape, Path(args.out), args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""CUDA target: AOTInductor packages for NVIDIA GPUs, with a generated paged-attention kernel.
+
+Two programs, both compiled at build time on the GPU they are for (Inductor tunes and
+compiles Triton kernels for that card; the .pt2 holds the cubins):
+
+- prefill: the step contract of arle_models.layers over a dense past (chunked prefill;
+  the runtime gathers the sequence's past pages), attention by SDPA.
+- decode_paged: one token per sequence reading the past straight from the paged KV pool
+  through the page table, with the Triton kernel rendered from
+  templates/paged_decode_attention.py.j2 for this model's head dim, GQA ratio, page size
+  and KV dtype (torch.library.triton_op, so AOTInductor compiles it into the package).
+  Its batch dimension is dynamic; the runtime captures one CUDA graph per decode bucket.
+
+Weights stay outside the packages (the runtime loads the bundle's safetensors onto the GPU
+and hands them to the programs), so a load compiles nothing.
+"""
+
+from __future__ import annotations
+
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from arle_models import CausalLM
+from arle_models.layers import PagedDecodeStep
+from arle_runtime.errors import ArleError
+
+from .base import Lowered, ShapePlan
+from .cpu import export_step, program_ranges
+from .kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
+
+SUPPORTED_QUANTS = ("bf16", "fp16")
+PAGE_SIZE = 16
+MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far past any card
+
+
+def require_gpu() -> torch.device:
+    if not torch.cuda.is_available():
+        raise ArleError(
+            "The cuda target compiles its kernels for the GPU it builds on, and this machine has no CUDA GPU; "
+            "run `arlec build --target cuda` on the machine (or the same GPU model) that will serve."
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise ArleError(f"The cuda target needs compute capability 8.0 or newer (bf16); this GPU is {major}.{minor}.")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def page_table_width(max_context: int) -> int:
+    return -(-max_context // PAGE_SIZE)
+
+
+def paged_example_inputs(model: CausalLM, plan: ShapePlan, device):
+    cfg = model.config
+    batch, pages = 2, 3
+    slots = pages * PAGE_SIZE + 2
+    pool = torch.zeros(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, dtype=model.compute_dtype, device=device)
+    table = torch.zeros(batch, page_table_width(plan.max_context), dtype=torch.int32, device=device)
+    table[0, :2] = torch.tensor([0, 2])
+    table[1, 0] = 1
+    return (
+        torch.zeros(batch, 1, dtype=torch.long, device=device),
+        torch.tensor([[20], [5]], dtype=torch.long, device=device),
+        pool,
+        pool.clone(),
+        table,
+        torch.tensor([20, 5], dtype=torch.int32, device=device),
+    )
+
+
+def export_paged_decode(model: CausalLM, plan: ShapePlan, device) -> torch.export.ExportedProgram:
+    batch = Dim("batch", min=1, max=plan.max_batch)
+    slots = Dim("slots", min=2, max=MAX_POOL_SLOTS)
+    dynamic = ({0: batch}, {0: batch}, {1: slots}, {1: slots}, {0: batch}, {0: batch})
+    args = paged_example_inputs(model, plan, device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(PagedDecodeStep(model), args, dynamic_shapes=dynamic, strict=False)
+
+
+def compile_package(exported, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(path), inductor_configs={"aot_inductor.package_constants_in_so": False}
+        )
+
+
+class CudaTarget:
+    name = "cuda"
+
+    @property
+    def device(self) -> torch.device:
+        return require_gpu()
+
+    def check(self, quant_scheme: str) -> None:
+        if quant_scheme not in SUPPORTED_QUANTS:
+            raise ArleError(
+                f"The cuda target does not support --quant {quant_scheme} yet; choose one of {', '.join(SUPPORTED_QUANTS)}."
+            )
+        require_gpu()
+
+    def lower(self, model: CausalLM, plan: ShapePlan, out_dir: Path, progress) -> Lowered:
+        device = require_gpu()
+        cfg = model.config
+        (out_dir / "cuda").mkdir(parents=True, exist_ok=True)
+        (out_dir / "kernels").mkdir(exist_ok=True)
+        progress("render kernels")
+        spec = PagedDecodeSpec(
+            head_dim=cfg.head_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            page_size=PAGE_SIZE, kv_dtype=str(model.compute_dtype).removeprefix("torch."),
+        )
+        kernel_path = out_dir / "kernels" / "paged_decode_attention.py"
+        kernel_path.write_text(render_paged_decode(spec))
+        kernel = load_kernel_module(kernel_path)
+
+        progress("export + compile prefill (AOTInductor)")
+        model.use_split_attention(False)
+        compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
+        progress("export + compile paged decode (AOTInductor)")
+        saved = model.paged_attention
+        model.paged_attention = kernel.paged_decode_attention
+        try:
+            compile_package(export_paged_decode(model, plan, device), out_dir / "cuda" / "decode_paged.pt2")
+        finally:
+            model.paged_attention = saved
+
+        programs = {
+            "prefill": {"path": "cuda/prefill.pt2", "format": "aoti", **program_ranges(plan, True)},
+            "decode_paged": {
+                "path": "cuda/decode_paged.pt2",
+                "format": "aoti",
+                **program_ranges(plan, False),
+                "constant_prefix": "model.",  # exported through PagedDecodeStep, which holds the model as .model
+                "page_size": PAGE_SIZE,
+                "page_table_width": page_table_width(plan.max_context),
+                "kernels": ["kernels/paged_decode_attention.py"],
+                "kernel_spec": spec.variables(),
+            },
+        }
+        props = torch.cuda.get_device_properties(device)
+        import triton
+
+        requirements = {
+            "torch": torch.__version__.split("+")[0],
+            "cuda": torch.version.cuda,
+            "triton": triton.__version__,
+            "device_name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "machine": platform.machine(),
+            "system": platform.system().lower(),
+        }
+        files = [out_dir / "cuda" / "prefill.pt2", out_dir / "cuda" / "decode_paged.pt2", kernel_path]
+        return Lowered(executor="aoti-cuda", programs=programs, requirements=requirements, files=files)

@@ -1,0 +1,172 @@
+"""The cuda target. Kernel rendering, refusals and the CPU-side logic run everywhere; the
+kernel, build, load and engine checks need a CUDA GPU and skip without one (CI has none:
+their results on the H200 are in docs/perf/cuda-h200.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from arle_runtime.errors import ArleError
+from arle_targets.kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
+from conftest import REPO, assert_clean_error, run_cli
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def spec(**kw) -> PagedDecodeSpec:
+    base = dict(head_dim=64, num_heads=9, num_kv_heads=3, page_size=16, kv_dtype="bfloat16")
+    return PagedDecodeSpec(**{**base, **kw})
+
+
+# --- everywhere ---------------------------------------------------------------------------
+
+
+def test_kernel_source_is_specialised_per_shape_and_valid_python():
+    a, b = render_paged_decode(spec()), render_paged_decode(spec(head_dim=128, num_heads=16, num_kv_heads=8))
+    for src in (a, b):
+        compile(src, "kernel", "exec")
+        assert "{{" not in src and "triton_op" in src
+    assert "HEAD_DIM=64, GROUP=3, BLOCK_G=16" in a and "HEAD_DIM=128, GROUP=2, BLOCK_G=16" in b
+    name = [line for line in a.splitlines() if "triton_op(" in line]
+    assert name and name[0] not in b  # the op name carries the specialisation's hash
+    assert render_paged_decode(spec()) == a  # deterministic
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(head_dim=80), "power-of-two head dim"),
+    (dict(num_heads=10), "do not divide"),
+    (dict(block_n=24), "does not tile"),
+])
+def test_kernel_spec_refuses_shapes_it_cannot_do(kw, words):
+    with pytest.raises(ArleError, match=words):
+        spec(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_build_without_a_gpu_says_so(tmp_path):
+    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "bf16", "--out", str(tmp_path / "b.arle"))
+    assert_clean_error(proc, "no CUDA GPU")
+    assert not (tmp_path / "b.arle").exists()
+
+
+def test_cuda_build_refuses_quantizations_it_lacks(tmp_path):
+    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "int4", "--out", str(tmp_path / "b.arle"))
+    assert_clean_error(proc, "does not support --quant int4")
+
+
+def test_the_runtime_finds_the_system_libstdcxx_and_reexecs_once():
+    from arle_runtime.preload import system_libstdcxx
+
+    lib = system_libstdcxx()
+    if lib is None:
+        pytest.skip("no libstdc++ in ldconfig's cache")
+    code = "import os; print(os.environ.get('LD_PRELOAD', ''))"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ARLE_PRELOADED", "ARLE_NO_PRELOAD")}
+    shim = f"from arle_runtime.preload import reexec_with_system_libstdcxx as r; r(); {code}"
+    out = subprocess.run([sys.executable, "-c", shim], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [lib]  # preloaded, and only once
+
+
+# --- on a GPU -----------------------------------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 16, 8), (64, 8, 8), (128, 32, 4)])
+def test_paged_decode_kernel_matches_the_torch_reference(tmp_path, head_dim, heads, kv_heads):
+    from arle_models.layers import paged_decode_reference
+
+    s = spec(head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads)
+    path = tmp_path / "k.py"
+    path.write_text(render_paged_decode(s))
+    kernel = load_kernel_module(path).paged_decode_attention
+    g = torch.Generator(device="cuda").manual_seed(head_dim + heads)
+    B, pages = 5, 40
+    past_lens = torch.tensor([0, 1, 17, 300, 639], dtype=torch.int32, device="cuda")
+    table = torch.randperm(B * pages, device="cuda", generator=g).view(B, pages).to(torch.int32)
+    pool_k = torch.randn(B * pages * 16 + 2, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    pool_v = torch.randn_like(pool_k)
+    q = torch.randn(B, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    got = kernel(q, k, v, pool_k, pool_v, table, past_lens).float()
+    want = paged_decode_reference(q.float(), k.float(), v.float(), pool_k.float(), pool_v.float(), table, past_lens)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-2, err
+
+
+@pytest.fixture(scope="module")
+def cuda_bundle(tmp_path_factory) -> Path:
+    from random_checkpoint import write_checkpoint
+
+    root = tmp_path_factory.mktemp("cuda")
+    ckpt = write_checkpoint("llama-tiny", root / "ckpt")
+    out = root / "tiny-bf16-cuda.arle"
+    proc = run_cli("arlec", "build", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16", "--max-batch", "16",
+                   "--max-context", "512", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@needs_gpu
+def test_cuda_bundle_manifest_names_its_programs_kernels_and_buckets(cuda_bundle):
+    manifest = json.loads((cuda_bundle / "manifest.json").read_text())
+    assert manifest["target"]["executor"] == "aoti-cuda"
+    assert manifest["buckets"]["decode_batch_sizes"] == [1, 2, 4, 8, 16]
+    decode = manifest["programs"]["decode_paged"]
+    assert (cuda_bundle / decode["path"]).is_file() and (cuda_bundle / decode["kernels"][0]).is_file()
+    assert decode["kernel_spec"]["group"] == 4 and decode["kernel_spec"]["head_dim"] == 64
+
+
+@needs_gpu
+def test_verify_reproduces_the_build_reference(cuda_bundle):
+    proc = run_cli("arlec", "verify", str(cuda_bundle))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+LOAD_AND_GENERATE = textwrap.dedent("""
+    from arle_runtime.preload import reexec_with_system_libstdcxx
+    reexec_with_system_libstdcxx()
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    from arle_runtime.session import Session
+    from arle_runtime.engine import Engine, EngineConfig
+    from arle_runtime.sampler import SamplingParams
+    session = Session.open(sys.argv[1])
+    engine = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=16))
+    prompts = [[3 + (7 * i + j) % 4000 for j in range(5 + 13 * i)] for i in range(11)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    together = [r.token_ids for r in engine.generate(prompts, greedy)]
+    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    print(json.dumps({"inductor": dict(counters["inductor"]), "together": together, "alone": alone,
+                      "graphs": sorted(session.executor._graphs)}))
+""")
+
+
+@needs_gpu
+def test_load_compiles_nothing_and_batching_changes_no_greedy_token(cuda_bundle, tmp_path):
+    """Empty Triton and Inductor caches stay empty through load, graph capture and 11
+    requests decoded together (buckets 16, 8, ...) and one by one (bucket 1)."""
+    caches = {"TRITON_CACHE_DIR": tmp_path / "triton", "TORCHINDUCTOR_CACHE_DIR": tmp_path / "inductor"}
+    for path in caches.values():
+        path.mkdir()
+    env = {**os.environ, **{k: str(v) for k, v in caches.items()}}
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(cuda_bundle)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["graphs"] == [1, 2, 4, 8, 16]
+    assert not any(result["inductor"].values()), result["inductor"]
+    triton_files = [p for p in caches["TRITON_CACHE_DIR"].rglob("*") if p.is_file()]
+    assert not triton_files, f"Triton compiled during load: {triton_files[:5]}"
+    generated = [p for p in caches["TORCHINDUCTOR_CACHE_DIR"].rglob("*") if p.suffix in (".py", ".cpp", ".cu", ".ttir")]
+    assert not generated, f"Inductor generated code during load: {generated[:5]}"
+    assert result["together"] == result["alone"]
