@@ -210,8 +210,11 @@ def agent(bundle, url, api_key, model, system, max_tokens, temperature, top_p, t
 @click.option("--timeout", "request_timeout", default=600.0, show_default=True, type=float,
               help="Seconds a request may take before it is cancelled.")
 @click.option("--kv-pages", default=None, type=int, help=KV_PAGES_HELP)
+@click.option("--max-batched-tokens", default=None, type=int,
+              help="Tokens fed per engine step, decodes and prefill chunks together (default: max batch + the "
+                   "bundle's prefill chunk). Lower it to cut the inter-token latency spikes of long prefills.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
-def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv_pages, no_verify):
+def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv_pages, max_batched_tokens, no_verify):
     """Serve BUNDLE over an OpenAI-compatible HTTP API."""
     from .engine import EngineConfig
     from .server import serve as run_server
@@ -224,8 +227,13 @@ def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv
     if request_timeout <= 0:
         raise ArleError(f"--timeout must be positive, got {request_timeout:g}.")
     _check_kv_pages(kv_pages)
-    config = EngineConfig(max_batch=max_batch, max_waiting=max_queue, kv_pages=kv_pages)
+    config = EngineConfig(max_batch=max_batch, max_waiting=max_queue, kv_pages=kv_pages,
+                          max_num_batched_tokens=max_batched_tokens)
     session = Session.open(bundle, verify=not no_verify, engine_config=config)
+    batch = max_batch or session.executor.limits.max_batch
+    if max_batched_tokens is not None and max_batched_tokens < batch:
+        raise ArleError(f"--max-batched-tokens must be at least the batch size ({batch}): every running "
+                        f"request decodes one token per step; got {max_batched_tokens}.")
     _check_kv_memory(session, kv_pages)
     run_server(session, host, port, api_key=api_key, request_timeout=request_timeout)
 

@@ -326,6 +326,25 @@ def test_bad_kv_pages_is_a_one_line_error(tiny_bundle):
         assert_clean_error(proc, says)
 
 
+def test_a_small_step_budget_chunks_prefill_and_changes_no_answer(tiny_bundle, tmp_path, client, model):
+    """--max-batched-tokens 8: a 20-odd-token prompt is prefilled 8 tokens a step, same greedy answer."""
+    expected = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0)
+    for srv in running_server(tiny_bundle, tmp_path, "--max-batched-tokens", "8"):
+        small = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="-", timeout=TIMEOUT, max_retries=0)
+        got = small.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0)
+        assert got.usage.prompt_tokens > 8
+        assert got.choices[0].message.content == expected.choices[0].message.content
+
+
+def test_a_step_budget_below_the_batch_is_a_one_line_error(tiny_bundle):
+    from conftest import assert_clean_error, run_cli
+
+    proc = run_cli("arle-runtime", "serve", str(tiny_bundle), "--no-verify", "--max-batched-tokens", "2",
+                   timeout=60, env={"ARLE_THREADS": "1"})
+    assert proc.returncode == 2
+    assert_clean_error(proc, "at least the batch size (4)")
+
+
 # --- the default SmolLM2 bundle: long answers (for mid-stream events) and a real tools prompt -----
 
 
