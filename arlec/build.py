@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
@@ -29,7 +30,7 @@ from .sources import ModelSpec, load_source
 REFERENCE_QUESTION = "What is the capital of France?"
 REFERENCE_NEW_TOKENS = 8
 PAGE_SIZE = 16
-DEFAULT_QUANT = {"cpu": "int8", "cuda": "bf16", "onnx": "fp32"}  # each target's fastest well-supported scheme
+DEFAULT_QUANT = {"cpu": "int8", "cuda": "bf16", "onnx": "fp32", "metal": "fp32"}  # each target's fastest well-supported scheme
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,31 @@ class BuildOptions:
     max_batch: int = 8
     max_prefill_tokens: int | None = None  # default min(512, max_context)
     max_context: int | None = None
+    kv_dtype: str = "auto"  # auto (the compute dtype) | bf16 | fp16 | fp32 | fp8 (cuda)
+    tp: int = 1  # tensor-parallel ranks (GPUs at serve time)
+
+
+KV_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn"}
+
+
+def kv_cache_dtype(opts: BuildOptions, quant: QuantSpec, target: str) -> str:
+    """The KV pool's dtype name: the compute dtype, or fp8 e4m3 (unit scale) on cuda."""
+    compute = str(quant.compute_dtype).removeprefix("torch.")
+    if opts.kv_dtype == "auto":
+        return compute
+    if opts.kv_dtype not in KV_DTYPES:
+        raise ArleError(f"Unknown --kv-dtype {opts.kv_dtype!r}; choose auto, {', '.join(KV_DTYPES)}.")
+    if opts.kv_dtype == "fp8":
+        if target != "cuda":
+            raise ArleError(f"--kv-dtype fp8 needs the cuda target (its attention kernel reads fp8); {target} keeps "
+                            "the KV cache in the compute dtype.")
+        if quant.compute_dtype != torch.bfloat16:
+            raise ArleError("--kv-dtype fp8 is built for bf16 compute; use --quant bf16 or fp8 with it.")
+        return KV_DTYPES["fp8"]
+    if KV_DTYPES[opts.kv_dtype] != compute:
+        raise ArleError(f"--kv-dtype {opts.kv_dtype} differs from the compute dtype {compute} of --quant "
+                        f"{quant.scheme}; use --kv-dtype auto (or fp8 on cuda).")
+    return compute
 
 
 def slug(text: str) -> str:
@@ -69,6 +95,10 @@ def shape_plan(opts: BuildOptions, spec: ModelSpec) -> ShapePlan:
     return ShapePlan(opts.max_batch, decode_buckets(opts.max_batch), max_prefill, max_context)
 
 
+def with_kv_dtype(plan: ShapePlan, kv_dtype: str) -> ShapePlan:
+    return dataclasses.replace(plan, kv_dtype=kv_dtype)
+
+
 def chat_prompt_ids(spec: ModelSpec, question: str) -> list[int]:
     from tokenizers import Tokenizer
 
@@ -90,11 +120,12 @@ def reference_outputs(model, prompt_ids: list[int], new_tokens: int) -> dict[str
     T = len(prompt_ids)
     device = model.norm.weight.device
     empty = model.empty_cache(1, 0)
-    logits, k, v = model(
+    logits, k, v, *state = model(
         torch.tensor([prompt_ids], device=device), torch.arange(T, device=device)[None], empty, empty,
         torch.zeros(1, dtype=torch.long, device=device), torch.tensor([T - 1], device=device),
+        *model.empty_state(1),
     )
-    greedy = greedy_continuation(model, logits[0], k, v, T, new_tokens)
+    greedy = greedy_continuation(model, logits[0], k, v, T, new_tokens, state)
     return {
         "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
         "last_logits": logits[0].float().cpu().clone(),
@@ -113,10 +144,47 @@ def logits_tolerance(quant: QuantSpec, reference_logits: torch.Tensor) -> float:
     return relative * float(reference_logits.abs().max())
 
 
+TP_QUANTS = ("fp32", "bf16", "fp16")  # sharding slices float weights; quantized layouts are not split yet
+TP_DEFAULT_QUANT = {"cpu": "fp32", "cuda": "bf16"}
+
+
+def lower_tensor_parallel(model, target, plan: ShapePlan, root: Path, tp: int, progress):
+    """Weight shards weights/rank{r}.safetensors, and one set of compiled programs that
+    every rank runs with its own shard: the programs do not depend on the rank (see
+    arle_models.parallel), so they are compiled once, inside a process group of tp ranks
+    that Inductor resolves the collectives' group against."""
+    import copy
+
+    from arle_models.parallel import DEFAULT_GROUP, shard_model
+    from arle_runtime.tensor_parallel import compile_group
+
+    from .bundle import model_constants, save_aligned_safetensors
+
+    (root / "weights").mkdir(exist_ok=True)
+    paths, first, weights = [], None, None
+    for rank in range(tp):
+        shard = shard_model(copy.deepcopy(model), rank, tp, DEFAULT_GROUP)
+        tensors, tied = model_constants(shard)
+        paths.append(f"weights/rank{rank}.safetensors")
+        save_aligned_safetensors(tensors, root / paths[-1])
+        if rank == 0:
+            first = shard
+            weights = {"path": paths[0], "tied": tied, "count": len(tensors) + len(tied)}
+        del shard, tensors
+    with compile_group(tp, DEFAULT_GROUP):
+        lowered = target.lower(first, plan, root, progress)
+    return weights, lowered, {"size": tp, "group": DEFAULT_GROUP, "weights": paths}
+
+
 def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
     started = time.perf_counter()
     target = get_target(opts.target)
-    quant = parse_quant(opts.quant or DEFAULT_QUANT.get(target.name, "int8"), opts.group_size)
+    if opts.tp < 1:
+        raise ArleError(f"--tp must be at least 1, got {opts.tp}.")
+    default_quant = (TP_DEFAULT_QUANT if opts.tp > 1 else DEFAULT_QUANT).get(target.name, "int8")
+    quant = parse_quant(opts.quant or default_quant, opts.group_size)
+    if opts.tp > 1 and quant.scheme not in TP_QUANTS:
+        raise ArleError(f"--tp needs float weights; choose --quant {' or '.join(TP_QUANTS)} (got {quant.scheme}).")
     target.check(quant.scheme)
     stages = tqdm(total=9, desc="load source", unit="stage", bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}]")
     timings: dict[str, float] = {}
@@ -132,7 +200,19 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
 
     try:
         spec = load_source(opts.model)
-        plan = shape_plan(opts, spec)
+        if spec.config.is_hybrid and not getattr(target, "supports_hybrid", False):
+            raise ArleError(
+                f"The {target.name} target cannot build {spec.config.architecture} yet (hybrid linear attention); "
+                "use --target cpu."
+            )
+        if opts.tp > 1:
+            from arle_models.parallel import ShardingError, check_shardable
+
+            try:
+                check_shardable(spec.config, opts.tp)
+            except ShardingError as e:
+                raise ArleError(str(e)) from None
+        plan = with_kv_dtype(shape_plan(opts, spec), kv_cache_dtype(opts, quant, target.name))
         out = Path(opts.out) if opts.out else default_out(spec, quant, target.name)
         if out.exists() and not opts.force:
             raise ArleError(f"{out} already exists; pass --force to replace it or choose another --out.")
@@ -140,7 +220,7 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
         model = build_model(spec.config)
         model.load_state_dict(spec.tensors, strict=False)
         model.eval().fuse_projections()
-        quantize_model(model, quant)
+        quantize_model(model, quant, kernels="cuda" if target.name == "cuda" else "cpu")
         spec.tensors.clear()  # the float copies are no longer needed
         model.to(getattr(target, "device", torch.device("cpu")))
         progress("reference outputs")
@@ -148,8 +228,11 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
         reference = reference_outputs(model, prompt_ids, REFERENCE_NEW_TOKENS)
         with atomic_bundle_dir(out, opts.force) as root:
             progress("write weights")
-            weights = write_weights(model, root)
-            lowered = target.lower(model, plan, root, progress)
+            if opts.tp > 1:
+                weights, lowered, tensor_parallel = lower_tensor_parallel(model, target, plan, root, opts.tp, progress)
+            else:
+                weights, tensor_parallel = write_weights(model, root), None
+                lowered = target.lower(model, plan, root, progress)
             progress("tokenizer + manifest")
             save_file(reference, str(root / "reference.safetensors"))
             (root / "tokenizer.json").write_text(spec.tokenizer_json)
@@ -179,8 +262,9 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
                 "programs": lowered.programs,
                 "kv_cache": {
                     "page_size": PAGE_SIZE,
-                    "dtype": str(quant.compute_dtype).removeprefix("torch."),
-                    "num_layers": spec.config.num_layers,
+                    "dtype": plan.kv_dtype,
+                    "scale": 1.0,  # fp8 pools store K/V unscaled (clamped to +-448)
+                    "num_layers": len(spec.config.full_attention_layers),  # hybrid models: full-attention layers only
                     "num_kv_heads": spec.config.num_kv_heads,
                     "head_dim": spec.config.head_dim,
                 },
@@ -202,6 +286,8 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
                 },
                 "performance_baseline": None,
             }
+            if tensor_parallel:
+                manifest["tensor_parallel"] = tensor_parallel
             manifest["provenance"]["build_seconds"] = round(time.perf_counter() - started, 1)
             write_manifest(root, manifest)
             progress("done")

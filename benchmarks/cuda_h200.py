@@ -37,11 +37,11 @@ def prompt_ids(seed: int, n: int = PROMPT_TOKENS, vocab: int = 151936) -> list[i
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
-def build(ckpt: Path, bundle: Path, quant: str, max_batch: int) -> float:
+def build(ckpt: Path, bundle: Path, quant: str, max_batch: int, kv_dtype: str = "auto") -> float:
     started = time.perf_counter()
     proc = subprocess.run(
         ["arlec", "build", "--model", str(ckpt), "--target", "cuda", "--quant", quant, "--max-batch", str(max_batch),
-         "--max-context", "1024", "--out", str(bundle), "--force"],
+         "--max-context", "1024", "--kv-dtype", kv_dtype, "--out", str(bundle), "--force"],
         capture_output=True, text=True,
     )
     if proc.returncode:
@@ -81,7 +81,12 @@ def engine_numbers(bundle: Path) -> dict:
         "ttft_bs1_ms": round(best.ttft_s * 1000, 2),
         "greedy_ids": runs[0].token_ids,
         "graph_capture_s": round(session.executor.graph_capture_s, 2),
+        "prompt_logits": prompt_logits(session.executor, prompt_ids(0)),
+        "graph_replay_ms_by_bucket": {str(b): round(t, 4) for b, t in sorted(session.executor.replay_ms.items())},
+        "bucket_for_batch_1": session.executor.route.get(1),
     }
+    if session.executor.use_graphs:
+        out.update(graph_replay_ms(session.executor))
     for c in (16, 64):
         prompts = [prompt_ids(1000 + i) for i in range(c)]
         engine.generate(prompts[:2], greedy)
@@ -95,7 +100,25 @@ def engine_numbers(bundle: Path) -> dict:
     return out
 
 
-def server_numbers(bundle: Path, levels=(16, 64), max_tokens: int = NEW_TOKENS) -> dict:
+def prompt_logits(executor, ids: list[int]) -> torch.Tensor:
+    """The bundle's next-token logits after the prompt (prefill program), for the logit error."""
+    dev = executor.device
+    empty = torch.zeros(executor.cache_shape(1, 0), dtype=executor.compute_dtype, device=dev)
+    logits, _, _ = executor.prefill(torch.tensor([ids], device=dev), torch.arange(len(ids), device=dev)[None],
+                                    empty, empty, torch.zeros(1, dtype=torch.long, device=dev),
+                                    torch.tensor([len(ids) - 1], device=dev))
+    return logits[0].float().cpu()
+
+
+def graph_replay_ms(executor, replays: int = 300) -> dict:
+    """GPU time of one decode step per bucket: graph replays queued back to back, so the
+    host is never the bottleneck. Against the engine's per-token time this splits GPU
+    work from host work (scheduling, input copy, sampling)."""
+    return {f"graph_replay_ms_bs{b}": round(executor.replay_time_ms(b, replays), 4)
+            for b in (1, 16, 64) if executor._graphs.get(b, (None,))[0] is not None}
+
+
+def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS) -> dict:
     """Output tok/s, TTFT and ITL through `arle-runtime serve` on loopback (benchmarks/serve_load.py's
     closed-loop client); needs starlette and uvicorn (carry their wheels to the GPU machine)."""
     import asyncio
@@ -130,6 +153,8 @@ def server_numbers(bundle: Path, levels=(16, 64), max_tokens: int = NEW_TOKENS) 
         asyncio.run(go())
     finally:
         server.stop()
+    if "ttft_ms_p50_c1" in out:  # the issue's ttft/itl keys: one client, through the server
+        out["ttft_ms_p50"], out["itl_ms_p50"] = out["ttft_ms_p50_c1"], out["itl_ms_p50_c1"]
     return out
 
 
@@ -138,6 +163,8 @@ def hf_numbers(ckpt: Path, compile_too: bool) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     ids = torch.tensor([prompt_ids(0)], device="cuda")
+    with torch.no_grad():
+        hf_logits = model(ids).logits[0, -1].float().cpu()
 
     def timed(**kw):
         torch.cuda.synchronize()
@@ -148,14 +175,32 @@ def hf_numbers(ckpt: Path, compile_too: bool) -> dict:
 
     timed()  # warm-up
     tokens, eager_s = timed()
-    out = {"hf_greedy_ids": tokens, "hf_eager_bs1_tok_s": round(NEW_TOKENS / eager_s, 1)}
+    out = {"hf_greedy_ids": tokens, "hf_eager_bs1_tok_s": round(NEW_TOKENS / eager_s, 1), "hf_logits": hf_logits}
     if compile_too:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        eager_forward = model.forward
         kw = {"cache_implementation": "static"}
-        timed(**kw)
-        timed(**kw)
-        _, compiled_s = timed(**kw)
-        out["hf_compile_bs1_tok_s"] = round(NEW_TOKENS / compiled_s, 1)
+        # transformers' recipe (static cache + reduce-overhead, i.e. CUDA graphs); on torch 2.11 /
+        # transformers 5.17 its generate can read a graph output after the next replay, so mark
+        # each step, and fall back to compiling without graphs if that still fails.
+        for mode in ("reduce-overhead", "default"):
+            compiled = torch.compile(eager_forward, mode=mode, fullgraph=True)
+
+            def forward(*a, _compiled=compiled, **k):
+                torch.compiler.cudagraph_mark_step_begin()
+                return _compiled(*a, **k)
+
+            model.forward = forward
+            try:
+                timed(**kw)
+                timed(**kw)
+                _, compiled_s = timed(**kw)
+            except Exception as e:  # noqa: BLE001 - record and try the next mode
+                out[f"hf_compile_error_{mode}"] = f"{type(e).__name__}: {e}"[:300]
+                torch._dynamo.reset()
+                continue
+            out["hf_compile_bs1_tok_s"] = round(NEW_TOKENS / compiled_s, 1)
+            out["hf_compile_mode"] = mode
+            break
     return out
 
 
@@ -164,6 +209,8 @@ def main() -> None:
     parser.add_argument("--work", default="build/cuda-bench")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quant", default="bf16")
+    parser.add_argument("--kv-dtype", default="auto")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: build,cold,engine,nographs,server,hf")
     parser.add_argument("--no-hf-compile", action="store_true")
     parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
     args = parser.parse_args()
@@ -177,14 +224,18 @@ def main() -> None:
     if not (ckpt / "config.json").exists():
         log("writing the random Qwen3-0.6B checkpoint")
         write_checkpoint("qwen3-0.6b", ckpt)
-    bundle = work / f"qwen3-0.6b-{args.quant}-cuda.arle"
-    result = {"shape": "qwen3-0.6b (random weights)", "quant": args.quant, "prompt_tokens": PROMPT_TOKENS,
+    kv = "" if args.kv_dtype == "auto" else f"-kv{args.kv_dtype}"
+    bundle = work / f"qwen3-0.6b-{args.quant}{kv}-cuda.arle"
+    skip = set(filter(None, args.skip.split(",")))
+    result = {"shape": "qwen3-0.6b (random weights)", "quant": args.quant, "kv_dtype": args.kv_dtype,
+              "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": NEW_TOKENS, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python benchmarks/cuda_h200.py " + " ".join(sys.argv[1:]), "errors": {}}
 
     def save():
         if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            plain = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
+            Path(args.out).write_text(json.dumps(plain, indent=2) + "\n")
 
     def phase(name, fn):
         log(name)
@@ -196,20 +247,29 @@ def main() -> None:
             log(f"{name} failed: {result['errors'][name]}")
         save()
 
-    if not bundle.exists():
-        phase("build_s", lambda: round(build(ckpt, bundle, args.quant, 64), 1))
-    phase("cold_start_s", lambda: round(min(cold_start(bundle) for _ in range(2)), 2))
-    phase("engine", lambda: engine_numbers(bundle))
-    if "decode_bs1_tok_s" in result:
+    if not (bundle / "manifest.json").exists() and "build" not in skip:
+        phase("build_s", lambda: round(build(ckpt, bundle, args.quant, 64, args.kv_dtype), 1))
+    if "cold" not in skip:
+        phase("cold_start_s", lambda: round(min(cold_start(bundle) for _ in range(2)), 2))
+    if "engine" not in skip:
+        phase("engine", lambda: engine_numbers(bundle))
+    if "decode_bs1_tok_s" in result and "nographs" not in skip:
         os.environ["ARLE_CUDA_GRAPHS"] = "0"
         phase("engine_without_graphs", lambda: {
             "decode_bs1_tok_s_without_graphs": engine_numbers(bundle)["decode_bs1_tok_s"]})
         os.environ.pop("ARLE_CUDA_GRAPHS")
-    if args.server:
+    if args.server and "server" not in skip:
         phase("server", lambda: server_numbers(bundle))
-    phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile))
-    ours, theirs = result.pop("greedy_ids", None), result.pop("hf_greedy_ids", None)
-    if ours and theirs:
+    if "hf" not in skip:
+        phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile))
+    ours_logits, hf_logits = result.pop("prompt_logits", None), result.pop("hf_logits", None)
+    if ours_logits is not None and hf_logits is not None:
+        result["prompt_logits_rel_error_vs_transformers"] = round(
+            ((ours_logits - hf_logits).norm() / hf_logits.norm()).item(), 5)
+        result["prompt_top1_matches_transformers"] = int(ours_logits.argmax()) == int(hf_logits.argmax())
+    ours, theirs = result.get("greedy_ids"), result.get("hf_greedy_ids")
+    if ours and theirs:  # otherwise keep whichever ids there are, to compare across runs
+        del result["greedy_ids"], result["hf_greedy_ids"]
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
         result["greedy_matches_transformers"] = ours == theirs
         result["greedy_tokens_equal_before_first_difference"] = same

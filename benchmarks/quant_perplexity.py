@@ -44,7 +44,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from arle_models import build_model
-from arle_models.quant_layers import Int4Linear, Int8Embedding, Int8Linear
+from arle_models.quant_layers import Fp8Linear, Int4Linear, Int8Embedding, Int8Linear
 from arlec.quant import parse_quant, quantize_int4_groups, quantize_model
 from arlec.sources import load_source
 
@@ -57,6 +57,7 @@ SCHEMES = [
     ("int8", "int8", 32),
     ("int4-g32", "int4", 32),
     ("int4-g64", "int4", 64),
+    ("fp8", "fp8", 32),  # the cuda target's scheme; torch._scaled_mm also runs on the CPU
 ]
 
 
@@ -78,6 +79,8 @@ def param_count(model: torch.nn.Module) -> int:
 
 def stored_weight(module: torch.nn.Module, float_weight: torch.Tensor) -> torch.Tensor:
     """The float values a (possibly quantized) linear/embedding module stores, as fp32."""
+    if isinstance(module, Fp8Linear):
+        return module.weight.float() * module.scales.float()[0][:, None]
     if isinstance(module, (Int8Linear, Int8Embedding)):
         return module.weight.float() * module.scales.float()[:, None]
     if isinstance(module, Int4Linear):

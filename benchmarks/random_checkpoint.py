@@ -18,6 +18,13 @@ SHAPES = {
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
     ),
+    # Llama-3-8B's published shape (32 layers, 32 query / 8 KV heads of 128, untied head):
+    # a model that needs its two GPUs' bandwidth (16 GB of bf16 weights per token).
+    "llama3-8b": dict(
+        arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
     # A small Llama for quick GPU tests (head dim 64, 4 query heads per KV head).
     "llama-tiny": dict(
         arch="llama", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

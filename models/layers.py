@@ -129,12 +129,12 @@ def fuse_linears(*linears: nn.Linear) -> nn.Linear:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, qk_norm: bool = False):
+    def __init__(self, config: ModelConfig, qk_norm: bool = False, mlp: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, qk_norm=qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config) if mlp is None else mlp
 
     def forward(self, x, cos, sin, past_k, past_v, mask):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask)
@@ -175,8 +175,9 @@ def paged_decode_reference(q, k_new, v_new, k_pool, v_pool, page_table, past_len
     P = page_table.shape[1] * page_size
     pos = torch.arange(P, device=q.device)
     slots = page_table.long()[:, pos // page_size] * page_size + pos % page_size  # [B, P]
-    keys = torch.cat((k_pool[slots], k_new[:, None]), dim=1).transpose(1, 2)  # [B, Hkv, P+1, D]
-    values = torch.cat((v_pool[slots], v_new[:, None]), dim=1).transpose(1, 2)
+    past_k, past_v = k_pool[slots].to(k_new.dtype), v_pool[slots].to(v_new.dtype)  # fp8 pools widen here
+    keys = torch.cat((past_k, k_new[:, None]), dim=1).transpose(1, 2)  # [B, Hkv, P+1, D]
+    values = torch.cat((past_v, v_new[:, None]), dim=1).transpose(1, 2)
     visible = torch.cat((pos[None] < past_lens[:, None], torch.ones(B, 1, dtype=torch.bool, device=q.device)), dim=1)
     qg = q.reshape(B, kv_heads, H // kv_heads, D)
     scores = (qg.float() @ keys.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, G, P+1]
@@ -205,13 +206,19 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, qk_norm=self.qk_norm) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, qk_norm=self.qk_norm, mlp=self.make_mlp(i)) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
         self.paged_attention = paged_decode_reference  # the cuda target swaps in its generated kernel
+
+    def make_mlp(self, layer: int) -> nn.Module:
+        """The feed-forward block of decoder layer `layer` (MoE architectures override it)."""
+        return MLP(self.config)
 
     def fuse_projections(self) -> "CausalLM":
         """Merge q/k/v and gate/up projections (a build-time transform; checkpoints keep HF names)."""
@@ -273,6 +280,11 @@ class CausalLM(nn.Module):
         past_lens = torch.zeros(B, dtype=torch.long, device=tokens.device)
         x, _, _ = self.hidden_states(tokens, positions, empty, empty, past_lens)
         return self.lm_head(x).float()
+
+    def empty_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Per-sequence state beyond the KV cache, extra step inputs and outputs (none
+        here; hybrid models such as Qwen3.5 keep their linear-attention state)."""
+        return ()
 
     def empty_cache(self, batch: int, length: int) -> torch.Tensor:
         c = self.config

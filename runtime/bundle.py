@@ -94,8 +94,14 @@ def check_compatibility(root: Path, manifest: dict, expected_target: str | None 
             raise ArleError(f"Bundle {root} was built for {req['machine']} CPUs, this machine is {platform.machine()}.")
     if target["name"] == "cuda" and not torch.cuda.is_available():
         raise ArleError(f"Bundle {root} targets CUDA, but no CUDA GPU is visible to this process.")
-    if target["name"] == "metal":
-        raise ArleError(f"Bundle {root} targets Metal (Apple GPUs); it cannot run on {platform.system()}.")
+    if target["name"] == "metal" and (platform.system(), platform.machine()) != ("Darwin", "arm64"):
+        # Off a Mac, the bundle's llvm build of the same Relax module runs (targets/metal.py).
+        built = (req.get("llvm_system"), req.get("llvm_machine"))
+        if built != (platform.system().lower(), platform.machine()):
+            raise ArleError(
+                f"Bundle {root} targets Metal (Apple GPUs) and its llvm build is for {built[0]} {built[1]}; "
+                f"it cannot run on {platform.system()} {platform.machine()}."
+            )
 
 
 @dataclass

@@ -238,6 +238,41 @@ def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv
     run_server(session, host, port, api_key=api_key, request_timeout=request_timeout)
 
 
+@cli.command("serve-ray")
+@click.argument("bundle", type=click.Path())
+@click.option("--replicas", default=2, show_default=True, type=int, help="Copies of the engine behind the endpoint.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the endpoint listens on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--address", default=None,
+              help="Join this Ray cluster ('auto', or HOST:PORT of its head) instead of starting a local one.")
+@click.option("--cpus-per-replica", default=1.0, show_default=True, type=float, help="Ray CPUs per replica.")
+@click.option("--gpus-per-replica", default=None, type=float,
+              help="Ray GPUs per replica (default: 1 for cuda bundles).")
+@click.option("--max-ongoing-requests", default=256, show_default=True, type=int,
+              help="Requests Ray hands one replica at once; the rest wait at the proxy.")
+@click.option("--api-key", default=None, envvar="ARLE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (also from $ARLE_API_KEY).")
+@click.option("--max-batch", default=None, type=int, help="Most requests running at once per replica.")
+@click.option("--max-queue", default=1024, show_default=True, type=int, help="Most requests waiting per replica.")
+@click.option("--timeout", "request_timeout", default=600.0, show_default=True, type=float,
+              help="Seconds a request may take before it is cancelled.")
+@click.option("--kv-pages", default=None, type=int, help=KV_PAGES_HELP)
+@click.option("--max-batched-tokens", default=None, type=int, help="Tokens fed per engine step (see serve).")
+@click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
+def serve_ray(bundle, replicas, host, port, address, cpus_per_replica, gpus_per_replica, max_ongoing_requests, api_key,
+              max_batch, max_queue, request_timeout, kv_pages, max_batched_tokens, no_verify):
+    """Serve BUNDLE from several replicas behind one endpoint, on Ray Serve (docs/scale-out.md)."""
+    from .ray_serve import ReplicaOptions, serve_ray as run_replicas
+
+    threads = os.environ.get("ARLE_THREADS", "")  # passed on to every replica when set
+    options = ReplicaOptions(
+        bundle=bundle, replicas=replicas, cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
+        max_ongoing_requests=max_ongoing_requests, api_key=api_key, request_timeout=request_timeout,
+        max_batch=max_batch, max_queue=max_queue, kv_pages=kv_pages, max_batched_tokens=max_batched_tokens,
+        verify=not no_verify, threads=int(threads) if threads.isdigit() else None)
+    run_replicas(options, host, port, address=address, echo=lambda line: click.echo(line, err=True))
+
+
 from .train.cli import data as data_group, train as train_group  # noqa: E402
 cli.add_command(train_group)
 cli.add_command(data_group)

@@ -18,6 +18,7 @@ import os
 import torch
 
 from .bundle import Bundle
+from .engine.model_runner import to_pool_dtype
 from .errors import ArleError
 from .executor import AotiExecutor
 from .preload import libstdcxx_problem
@@ -49,6 +50,8 @@ class CudaGraphExecutor(AotiExecutor):
         self._host = torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long).pin_memory()
         self._host_np = self._host.numpy()  # same memory; numpy row writes cost far less than torch's
         self.graph_capture_s = 0.0
+        self.route: dict[int, int] = {}  # batch size -> bucket, from measured replay times
+        self.replay_ms: dict[int, float] = {}
         # ARLE_CUDA_GRAPHS=0 runs the same decode program without graphs (for profiling).
         self.use_graphs = os.environ.get("ARLE_CUDA_GRAPHS", "1") != "0"
 
@@ -80,20 +83,50 @@ class CudaGraphExecutor(AotiExecutor):
                 logits = self._paged_step(inputs)
             self._graphs[bucket] = (graph, inputs, logits)
         torch.cuda.synchronize()
+        self.route = self._route_by_replay_time() if self.use_graphs else {}
         self.graph_capture_s = time.perf_counter() - started
+
+    def _route_by_replay_time(self, replays: int = 10) -> dict[int, int]:
+        """Batch size -> the bucket whose graph decodes it fastest. A bigger bucket can be
+        faster than the smallest one that fits: cuBLAS picks its kernels by M, and on the
+        H200 a Qwen3-0.6B step measured 1.48 ms at batch 1 but 1.22 ms at batch 16.
+        Timed here, on this card, with the real pool (~10 replays per bucket)."""
+        ms = {bucket: self.replay_time_ms(bucket, replays) for bucket in self._graphs}
+        self.replay_ms = ms
+        route = {}
+        for n in range(1, self.decode_buckets[-1] + 1):
+            fits = [b for b in self.decode_buckets if b >= n]
+            route[n] = min(fits, key=lambda b: (round(ms[b], 2), b))  # ties (within 10 us) go to the smaller
+        log.info("decode graph replay ms per bucket: %s", {b: round(t, 3) for b, t in sorted(ms.items())})
+        return route
+
+    def replay_time_ms(self, bucket: int, replays: int = 10) -> float:
+        """GPU time of one decode step of `bucket`: replays queued back to back, so the
+        host never holds the GPU up (the engine's per-token time minus this is host work)."""
+        graph = self._graphs[bucket][0]
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / replays
 
     def _paged_step(self, inputs: torch.Tensor) -> torch.Tensor:
         # Every program input contiguous: AOTInductor assumes the strides it was compiled
         # with and does not check them (a column slice here once fed row 0's slot number
         # to row 1 as its token id).
-        tokens = inputs[:, _TOKEN : _TOKEN + 1].contiguous()
-        positions = inputs[:, _POS : _POS + 1].contiguous()
+        # clone, not contiguous(): a one-row bucket's column slice is already contiguous but
+        # 8 bytes into the buffer, and a misaligned input makes the program copy it per call.
+        tokens = inputs[:, _TOKEN : _TOKEN + 1].clone()
+        positions = inputs[:, _POS : _POS + 1].clone()
         past_lens = inputs[:, _POS].to(torch.int32)
         table = inputs[:, _TABLE:].to(torch.int32)
         logits, new_k, new_v = self._programs["decode_paged"](tokens, positions, self._k_pool, self._v_pool, table, past_lens)
         slots = inputs[:, _SLOT]
-        self._k_pool[:, slots] = new_k.to(self._k_pool.dtype)
-        self._v_pool[:, slots] = new_v.to(self._v_pool.dtype)
+        self._k_pool[:, slots] = to_pool_dtype(new_k, self._k_pool.dtype)
+        self._v_pool[:, slots] = to_pool_dtype(new_v, self._v_pool.dtype)
         return logits
 
     def decode_paged(self, tokens: list[int], positions: list[int], slots: list[int], page_tables: list[list[int]]):
@@ -103,7 +136,7 @@ class CudaGraphExecutor(AotiExecutor):
             raise ArleError("decode_paged needs bind_kv_pool first.")
         if not 1 <= n <= self.decode_buckets[-1]:
             raise ArleError(f"A batch of {n} is outside this bundle's range 1..{self.decode_buckets[-1]}.")
-        bucket = self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)]
+        bucket = self.route.get(n) or self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)]
         graph, inputs, logits = self._graphs[bucket]
         if max(positions) + 1 > self.limits.max_context:
             raise ArleError(

@@ -96,27 +96,46 @@ class AotiExecutor:
         buckets = bundle.manifest["buckets"]
         self.limits = StepLimits(buckets["max_batch"], buckets["max_prefill_tokens"], buckets["max_context"])
         self.kv_dtype = getattr(torch, bundle.manifest["kv_cache"]["dtype"])
+        self.compute_dtype = getattr(torch, bundle.manifest["quantization"]["compute_dtype"])  # the programs' past
         self.device = device
         self._weights = bundle.weights if weights is None else weights  # kept alive: the programs read them
         index = -1 if device.index is None else device.index
         self._programs = load_programs(bundle, self.program_names, self._weights, index, single_threaded)
         cfg = bundle.config
-        self._cache_dims = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        self.config = cfg
+        self._cache_dims = (len(cfg.full_attention_layers), cfg.num_kv_heads, cfg.head_dim)
 
     def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
         layers, heads, dim = self._cache_dims
         return (layers, batch, heads, length, dim)
 
-    def prefill(self, tokens, positions, past_k, past_v, past_lens, last_index):
-        check_step(self.limits, tokens, past_k, decode=False)
-        return self._programs["prefill"](tokens, positions, past_k, past_v, past_lens, last_index)
+    def empty_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Zero per-sequence state beyond the KV cache, the programs' trailing inputs and
+        outputs: (conv_state, recurrent_state) of a hybrid model's linear-attention
+        layers (arle_models.qwen3_5), nothing for the others."""
+        if not self.config.is_hybrid:
+            return ()
+        from arle_models.qwen3_5 import linear_state
 
-    def decode(self, tokens, positions, past_k, past_v, past_lens, last_index):
+        return linear_state(self.config, batch, self.compute_dtype, self.device)
+
+    def prefill(self, tokens, positions, past_k, past_v, past_lens, last_index, *state):
+        check_step(self.limits, tokens, past_k, decode=False)
+        return self._programs["prefill"](tokens, positions, past_k, past_v, past_lens, last_index, *state)
+
+    def decode(self, tokens, positions, past_k, past_v, past_lens, last_index, *state):
         check_step(self.limits, tokens, past_k, decode=True)
-        return self._programs[self.dense_decode_program](tokens, positions, past_k, past_v, past_lens, last_index)
+        return self._programs[self.dense_decode_program](
+            tokens, positions, past_k, past_v, past_lens, last_index, *state
+        )
 
 
 def load_executor(bundle: Bundle) -> Executor:
+    tp = bundle.manifest.get("tensor_parallel")
+    if tp and tp.get("size", 1) > 1 and "rank" not in tp:  # the whole bundle: one process per rank
+        from .tensor_parallel import launch
+
+        return launch(bundle)
     kind = bundle.manifest["target"].get("executor")
     if kind == "aoti":
         threads = os.environ.get("ARLE_THREADS")
@@ -130,6 +149,13 @@ def load_executor(bundle: Bundle) -> Executor:
         if threads:
             torch.set_num_threads(int(threads))
         return OnnxExecutor(bundle, threads=int(threads) if threads else None)
+    if kind == "tvm":
+        from .tvm_executor import TvmExecutor
+
+        threads = os.environ.get("ARLE_THREADS")
+        if threads:
+            torch.set_num_threads(int(threads))
+        return TvmExecutor(bundle, threads=int(threads) if threads else None)
     if kind == "aoti-cuda":
         from .cuda_executor import CudaGraphExecutor
 

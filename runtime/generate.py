@@ -51,10 +51,19 @@ def check_prompt(prompt_ids: list[int], max_context: int) -> None:
         )
 
 
+def empty_state(executor: Executor, batch: int) -> tuple[torch.Tensor, ...]:
+    """The executor's per-sequence state beyond the KV cache (a hybrid model's
+    linear-attention state; none for pure-attention models and executors without it)."""
+    make = getattr(executor, "empty_state", None)
+    return make(batch) if make is not None else ()
+
+
 def prefill(executor: Executor, prompt_ids: list[int]):
-    """Run the prompt through the prefill program chunk by chunk; return last logits and the cache."""
+    """Run the prompt through the prefill program chunk by chunk; return last logits, the
+    cache and, for hybrid models, the linear-attention state: (logits, k, v, *state)."""
     k = torch.zeros(executor.cache_shape(batch=1, length=0), dtype=executor.kv_dtype, device=executor.device)
     v = torch.zeros_like(k)
+    state = empty_state(executor, 1)
     chunk = executor.limits.max_prefill_tokens
     logits = None
     for start in range(0, len(prompt_ids), chunk):
@@ -63,9 +72,9 @@ def prefill(executor: Executor, prompt_ids: list[int]):
         positions = torch.arange(start, start + len(ids), device=executor.device)[None]
         past_lens = torch.tensor([start], dtype=torch.long, device=executor.device)
         last = torch.tensor([len(ids) - 1], dtype=torch.long, device=executor.device)
-        logits, new_k, new_v = executor.prefill(tokens, positions, k, v, past_lens, last)
+        logits, new_k, new_v, *state = executor.prefill(tokens, positions, k, v, past_lens, last, *state)
         k, v = torch.cat((k, new_k), dim=3), torch.cat((v, new_v), dim=3)
-    return logits[0], k, v
+    return (logits[0], k, v, *state)
 
 
 class StopChecker:
@@ -97,7 +106,7 @@ def generate(
     stream = TextStream(tokenizer)
     shown = 0  # characters of stream text already passed to on_text
 
-    logits, k, v = prefill(executor, prompt_ids)
+    logits, k, v, *linear = prefill(executor, prompt_ids)
     ttft = 0.0
     out: list[int] = []
     logprobs: list[float] = []
@@ -133,7 +142,7 @@ def generate(
         positions = torch.tensor([[pos]], dtype=torch.long, device=executor.device)
         past_lens = torch.tensor([pos], dtype=torch.long, device=executor.device)
         last = torch.zeros(1, dtype=torch.long, device=executor.device)
-        logits, new_k, new_v = executor.decode(tokens, positions, k, v, past_lens, last)
+        logits, new_k, new_v, *linear = executor.decode(tokens, positions, k, v, past_lens, last, *linear)
         logits = logits[0]
         k, v = torch.cat((k, new_k), dim=3), torch.cat((v, new_v), dim=3)
     if not stopped_by_string:
@@ -152,9 +161,10 @@ def generate(
 
 
 @torch.no_grad()
-def greedy_continuation(decode_step, logits, k, v, next_pos: int, count: int) -> list[int]:
+def greedy_continuation(decode_step, logits, k, v, next_pos: int, count: int, state=()) -> list[int]:
     """Greedy tokens from first-step logits [V] using any callable with the step contract
-    (an executor's decode or an eager model): the shared check of compiled vs reference."""
+    (an executor's decode or an eager model): the shared check of compiled vs reference.
+    `state`: a hybrid model's linear-attention state after the prompt."""
     tokens = []
     device = k.device
     for i in range(count):
@@ -163,13 +173,14 @@ def greedy_continuation(decode_step, logits, k, v, next_pos: int, count: int) ->
         if i == count - 1:
             break
         pos = next_pos + i
-        out, nk, nv = decode_step(
+        out, nk, nv, *state = decode_step(
             torch.tensor([[tok]], device=device),
             torch.tensor([[pos]], device=device),
             k,
             v,
             torch.tensor([pos], device=device),
             torch.zeros(1, dtype=torch.long, device=device),
+            *state,
         )
         logits = out[0]
         k, v = torch.cat((k, nk), 3), torch.cat((v, nv), 3)

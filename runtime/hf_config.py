@@ -8,8 +8,18 @@ from arle_models.config import ROPE_TYPES as ROPE_TYPE_NAMES
 
 from .errors import ArleError
 
-HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-HF_NAMES = {"llama": ("LlamaForCausalLM", "llama"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen3_5ForCausalLM": "qwen3_5",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
+}
+HF_NAMES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+}
 
 
 def rope_from_hf(cfg: dict) -> RopeConfig:
@@ -39,7 +49,88 @@ def rope_from_hf(cfg: dict) -> RopeConfig:
     )
 
 
+def moe_from_hf(cfg: dict, where: str) -> dict:
+    """ModelConfig's mixture-of-experts fields from a Qwen3-MoE config.json."""
+    if cfg.get("use_sliding_window"):
+        raise ArleError(f"{where}: sliding-window attention (use_sliding_window) is not supported; set it to false.")
+    # transformers writes num_experts under its attribute_map name num_local_experts.
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if experts is None:
+        raise KeyError("num_experts")
+    top_k = int(cfg["num_experts_per_tok"])
+    if not 1 <= top_k <= int(experts):
+        raise ArleError(f"{where}: num_experts_per_tok is {top_k}; it must be between 1 and num_experts ({experts}).")
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(int(n) for n in cfg.get("mlp_only_layers") or ()),
+    )
+
+
+# Qwen3.5 ships as a vision-language model; arle builds its text decoder (text_config).
+HF_MULTIMODAL_TEXT = {
+    "Qwen3_5ForConditionalGeneration": "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM",
+}
+LAYER_TYPES = ("full_attention", "linear_attention")
+
+
+def hybrid_from_hf(cfg: dict, where: str) -> dict:
+    """ModelConfig's linear-attention fields from a Qwen3.5 (text) config.json; defaults as transformers'."""
+    layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        interval = cfg.get("full_attention_interval", 4)
+        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)]
+    if len(types) != layers or any(t not in LAYER_TYPES for t in types):
+        raise ArleError(
+            f"{where}: layer_types must name {layers} layers, each one of {', '.join(LAYER_TYPES)}."
+        )
+    rope = cfg.get("rope_parameters") or {}
+    return dict(
+        layer_types=tuple(types),
+        linear_num_key_heads=int(cfg.get("linear_num_key_heads", 16)),
+        linear_num_value_heads=int(cfg.get("linear_num_value_heads", 32)),
+        linear_key_head_dim=int(cfg.get("linear_key_head_dim", 128)),
+        linear_value_head_dim=int(cfg.get("linear_value_head_dim", 128)),
+        linear_conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
+        partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))),
+        attn_output_gate=True,  # Qwen3.5's q_proj always carries the output gate
+    )
+
+
+def text_config(cfg: dict) -> dict:
+    """The text decoder's config of a vision-language checkpoint, else cfg itself."""
+    names = cfg.get("architectures") or []
+    text_arch = next((HF_MULTIMODAL_TEXT[n] for n in names if n in HF_MULTIMODAL_TEXT), None)
+    if text_arch is None or not isinstance(cfg.get("text_config"), dict):
+        return cfg
+    text = dict(cfg["text_config"])
+    text["architectures"] = [text_arch]
+    for key in ("eos_token_id", "bos_token_id"):
+        if key in cfg and key not in text:
+            text[key] = cfg[key]
+    # transformers ties the head by the outer config's flag for these models.
+    text["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
+    return text
+
+
+def qwen3_5_moe_from_hf(cfg: dict, where: str) -> dict:
+    """Qwen3.5-MoE: every layer sparse, top-k weights always renormalised, plus a gated shared expert."""
+    return {
+        **moe_from_hf(cfg, where),
+        "norm_topk_prob": True,
+        "shared_expert_intermediate_size": int(cfg["shared_expert_intermediate_size"]),
+    }
+
+
 def config_from_hf(cfg: dict, where: str) -> ModelConfig:
+    cfg = text_config(cfg)
+    if "Qwen3_5MoeForCausalLM" in (cfg.get("architectures") or []):
+        cfg = {"intermediate_size": 0, **cfg}  # no dense MLP anywhere
     names = cfg.get("architectures") or []
     arch = next((HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES), None)
     if arch is None:
@@ -68,6 +159,9 @@ def config_from_hf(cfg: dict, where: str) -> ModelConfig:
             rope=rope_from_hf(cfg),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **(moe_from_hf(cfg, where) if arch == "qwen3_moe" else {}),
+            **(hybrid_from_hf(cfg, where) if arch in ("qwen3_5", "qwen3_5_moe") else {}),
+            **(qwen3_5_moe_from_hf(cfg, where) if arch == "qwen3_5_moe" else {}),
         )
     except KeyError as missing:
         raise ArleError(f"{where} lacks the field {missing}; it is not a complete model config.") from None
@@ -98,6 +192,15 @@ def hf_config(config: ModelConfig) -> dict:
         "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) != 1 else config.eos_token_ids[0],
         "torch_dtype": "float32",
     }
+    if config.num_experts:
+        cfg.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=config.decoder_sparse_step,
+            mlp_only_layers=list(config.mlp_only_layers),
+        )
     if r.type != "default":
         scaling = {"rope_type": r.type, "factor": r.factor}
         if r.original_max_position is not None:

@@ -88,6 +88,17 @@ def _uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing that needs the row on its own (penalties, logprobs)."""
+    return p.greedy and p.logprobs is None and not _uses_penalties(p)
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Greedy tokens of many rows at once: one kernel and one device sync for the batch
+    (row by row costs a launch and a sync each, ~2 ms per step at batch 64 on a GPU)."""
+    return torch.argmax(logits, dim=-1).tolist()
+
+
 def sample(logits: torch.Tensor, state: SamplerState) -> tuple[int, torch.Tensor | None]:
     """Pick the next token from one row of logits [V]; also return log-probabilities [V]
     of the distribution before temperature (None unless the request asked for logprobs)."""

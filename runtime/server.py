@@ -235,6 +235,12 @@ class ServerState:
         except Exception:  # noqa: BLE001 - stay unready; /readyz says so
             log.exception("warm-up generation failed; the server stays unready")
 
+    async def warmed(self) -> bool:
+        """Wait for the warm-up generation (Ray replicas start only once it ran); True if ready."""
+        if self._warmup is not None:
+            await self._warmup
+        return self.ready
+
     def begin_shutdown(self) -> None:
         """Stop taking requests and end the live ones (they finish with "abort")."""
         self.draining = True

@@ -6,7 +6,7 @@ from arle_runtime.errors import ArleError
 
 from .base import Lowered, ShapePlan, Target, decode_buckets
 
-TARGET_NAMES = ("cpu", "cuda", "onnx")
+TARGET_NAMES = ("cpu", "cuda", "onnx", "metal")
 
 
 def get_target(name: str) -> Target:
@@ -23,7 +23,9 @@ def get_target(name: str) -> Target:
 
         return OnnxTarget()
     if name == "metal":
-        raise ArleError(f"The {name} target is not built yet in this version of arlec; use --target cpu.")
+        from .metal import MetalTarget
+
+        return MetalTarget()
     raise ArleError(f"Unknown target {name!r}; choose one of: {', '.join(TARGET_NAMES)}.")
 
 

@@ -17,6 +17,7 @@ class ShapePlan:
     decode_batch_sizes: tuple[int, ...]
     max_prefill_tokens: int
     max_context: int
+    kv_dtype: str = "auto"  # the KV pool's torch dtype name; "auto": the model's compute dtype
 
     def to_dict(self) -> dict:
         return {

@@ -15,6 +15,7 @@ import torch
 from torch.export import Dim
 
 from arle_models import CausalLM
+from arle_models.linear_attention import CHUNK as LINEAR_SCAN_CHUNK
 from arle_runtime.errors import ArleError
 
 from .base import Lowered, ShapePlan
@@ -23,10 +24,7 @@ SUPPORTED_QUANTS = ("fp32", "bf16", "fp16", "int8", "int4")
 
 
 def example_inputs(model: CausalLM, batch: int, tokens: int, past: int, device="cpu"):
-    cfg = model.config
-    cache = torch.zeros(
-        cfg.num_layers, batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=model.compute_dtype, device=device
-    )
+    cache = model.empty_cache(batch, past).to(device)  # [full-attention layers, B, Hkv, P, D]
     return (
         torch.zeros(batch, tokens, dtype=torch.long, device=device),
         torch.zeros(batch, tokens, dtype=torch.long, device=device),
@@ -34,10 +32,11 @@ def example_inputs(model: CausalLM, batch: int, tokens: int, past: int, device="
         cache.clone(),
         torch.zeros(batch, dtype=torch.long, device=device),
         torch.zeros(batch, dtype=torch.long, device=device),
+        *(s.to(device) for s in model.empty_state(batch)),  # hybrid models' linear-attention state
     )
 
 
-def step_dynamic_shapes(plan: ShapePlan, prefill: bool):
+def step_dynamic_shapes(plan: ShapePlan, prefill: bool, num_state: int = 0):
     batch = Dim("batch", min=1, max=plan.max_batch)
     past = Dim("past", min=0, max=plan.max_context - 1)
     if prefill:
@@ -45,7 +44,8 @@ def step_dynamic_shapes(plan: ShapePlan, prefill: bool):
         tok = {0: batch, 1: tokens}
     else:
         tok = {0: batch}
-    return (tok, tok, {1: batch, 3: past}, {1: batch, 3: past}, {0: batch}, {0: batch})
+    state = tuple({1: batch} for _ in range(num_state))  # [layers, B, ...]
+    return (tok, tok, {1: batch, 3: past}, {1: batch, 3: past}, {0: batch}, {0: batch}, *state)
 
 
 def program_ranges(plan: ShapePlan, prefill: bool) -> dict:
@@ -60,13 +60,22 @@ def program_ranges(plan: ShapePlan, prefill: bool) -> dict:
 def export_step(model: CausalLM, plan: ShapePlan, prefill: bool, device="cpu") -> torch.export.ExportedProgram:
     # Example sizes above 1 keep torch.export from specializing a dynamic dim to 1.
     args = example_inputs(model, batch=2, tokens=3 if prefill else 1, past=5, device=device)
+    num_state = len(model.empty_state(1))
     model.use_split_attention(not prefill)
+    if num_state and prefill:
+        # The linear-attention scan loops over chunks; a compiled loop needs a static count.
+        # One chunk more than the longest prefill needs keeps the padding non-empty for every
+        # token count: a chunk of exactly the padded length makes export specialise on it.
+        model.scan_chunks = plan.max_prefill_tokens // LINEAR_SCAN_CHUNK + 1
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.export.export(model, args, dynamic_shapes=step_dynamic_shapes(plan, prefill), strict=False)
+            shapes = step_dynamic_shapes(plan, prefill, num_state)
+            return torch.export.export(model, args, dynamic_shapes=shapes, strict=False)
     finally:
         model.use_split_attention(False)
+        if num_state:
+            model.scan_chunks = None
 
 
 @contextlib.contextmanager
@@ -95,10 +104,14 @@ def aten_fallbacks(ops):
 
 
 ATEN_FALLBACKS = (torch.ops.aten._weight_int4pack_mm_for_cpu.default,)
+# Inductor's own int8 matmul lowering asserts when its input is an unrealized pointwise
+# result (seen on torch 2.13), which Qwen3.5's gated outputs feed straight to o_proj/out_proj.
+HYBRID_ATEN_FALLBACKS = (torch.ops.aten._weight_int8pack_mm.default,)
 
 
 class CpuTarget:
     name = "cpu"
+    supports_hybrid = True  # steps carry the linear-attention state (arle_models.qwen3_5)
 
     def check(self, quant_scheme: str) -> None:
         if quant_scheme not in SUPPORTED_QUANTS:
@@ -114,7 +127,8 @@ class CpuTarget:
             exported = export_step(model, plan, prefill)
             progress(f"compile {name} (AOTInductor)")
             path = out_dir / "cpu" / f"{name}.pt2"
-            with warnings.catch_warnings(), aten_fallbacks(ATEN_FALLBACKS):
+            fallbacks = ATEN_FALLBACKS + (HYBRID_ATEN_FALLBACKS if model.config.is_hybrid else ())
+            with warnings.catch_warnings(), aten_fallbacks(fallbacks):
                 warnings.simplefilter("ignore")
                 torch._inductor.aoti_compile_and_package(
                     exported,

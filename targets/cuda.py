@@ -32,7 +32,7 @@ from .base import Lowered, ShapePlan
 from .cpu import export_step, program_ranges
 from .kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
 
-SUPPORTED_QUANTS = ("bf16", "fp16")
+SUPPORTED_QUANTS = ("bf16", "fp16", "fp8", "int4")
 PAGE_SIZE = 16
 MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far past any card
 
@@ -49,6 +49,10 @@ def require_gpu() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def pool_dtype(model: CausalLM, plan: ShapePlan) -> torch.dtype:
+    return model.compute_dtype if plan.kv_dtype == "auto" else getattr(torch, plan.kv_dtype)
+
+
 def page_table_width(max_context: int) -> int:
     return -(-max_context // PAGE_SIZE)
 
@@ -57,7 +61,7 @@ def paged_example_inputs(model: CausalLM, plan: ShapePlan, device):
     cfg = model.config
     batch, pages = 2, 3
     slots = pages * PAGE_SIZE + 2
-    pool = torch.zeros(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, dtype=model.compute_dtype, device=device)
+    pool = torch.zeros(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, dtype=pool_dtype(model, plan), device=device)
     table = torch.zeros(batch, page_table_width(plan.max_context), dtype=torch.int32, device=device)
     table[0, :2] = torch.tensor([0, 2])
     table[1, 0] = 1
@@ -101,7 +105,10 @@ class CudaTarget:
             raise ArleError(
                 f"The cuda target does not support --quant {quant_scheme} yet; choose one of {', '.join(SUPPORTED_QUANTS)}."
             )
-        require_gpu()
+        device = require_gpu()
+        if quant_scheme == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ArleError("--quant fp8 needs fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+                            "use bf16 or int4 on this GPU.")
 
     def lower(self, model: CausalLM, plan: ShapePlan, out_dir: Path, progress) -> Lowered:
         device = require_gpu()
@@ -111,7 +118,7 @@ class CudaTarget:
         progress("render kernels")
         spec = PagedDecodeSpec(
             head_dim=cfg.head_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-            page_size=PAGE_SIZE, kv_dtype=str(model.compute_dtype).removeprefix("torch."),
+            page_size=PAGE_SIZE, kv_dtype=str(pool_dtype(model, plan)).removeprefix("torch."),
         )
         kernel_path = out_dir / "kernels" / "paged_decode_attention.py"
         kernel_path.write_text(render_paged_decode(spec))

@@ -31,7 +31,7 @@ class PagedDecodeSpec:
     num_heads: int
     num_kv_heads: int
     page_size: int
-    kv_dtype: str  # "bfloat16", "float16", "float32"
+    kv_dtype: str  # "bfloat16", "float16", "float32", "float8_e4m3fn" (converted to q's dtype on load)
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2

@@ -14,6 +14,12 @@ not. Any other write goes through copy-on-write: a fresh page, plus a PageCopy t
 model runner must apply before that step's forward pass.
 
 The page manager never touches tensors; it hands out page ids and copy instructions.
+
+Hybrid models (Qwen3.5) also keep a fixed-size linear-attention state per sequence; the
+manager hands each admitted sequence a state slot (`seq.state_slot`) in the model
+runner's state pool, beside its pages. That state summarises the whole prefix and cannot
+be rebuilt from cached pages, so the prefix cache is off for them: every lookup is a
+miss and the prompt is recomputed (correct, only slower).
 """
 
 from __future__ import annotations
@@ -58,12 +64,15 @@ class _Node:
 class PageManager:
     """Allocates KV pages to sequences and caches full pages for prefix reuse."""
 
-    def __init__(self, num_pages: int, page_size: int = PAGE_SIZE, prefix_cache: bool = True):
+    def __init__(self, num_pages: int, page_size: int = PAGE_SIZE, prefix_cache: bool = True, state_slots: int = 0):
         if num_pages < 1:
             raise ArleError("The KV cache has no room for a single page; give it more memory.")
         self.num_pages = num_pages
         self.page_size = page_size
-        self.prefix_cache = prefix_cache
+        # state_slots > 0: a hybrid model's linear-attention state pool (see the module doc).
+        self.num_state_slots = state_slots
+        self._free_state_slots = list(range(state_slots - 1, -1, -1))
+        self.prefix_cache = prefix_cache and not state_slots
         self._ref = [0] * num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._root = _Node((), -1, None)
@@ -154,6 +163,10 @@ class PageManager:
             # Recomputing the last page's tokens needs one page less than copying it
             # (the copy's source stays pinned meanwhile); matters when the pool is tight.
             nodes = nodes[:-1]
+        if self.num_state_slots:
+            if not self._free_state_slots:
+                return None
+            seq.state_slot = self._free_state_slots.pop()
         self._tick += 1
         for node in nodes:
             self._incref(node.page)
@@ -237,11 +250,16 @@ class PageManager:
                 node.last_used = self._tick
             self._decref(page)
         seq.page_table = []
+        if seq.state_slot is not None:
+            self._free_state_slots.append(seq.state_slot)
+            seq.state_slot = None
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let `child` (same tokens) share all of `parent`'s pages, e.g. for n > 1
         samples of one prompt. The shared tail page is copied by whichever writes first."""
         assert child.token_ids == parent.token_ids and not child.page_table
+        if self.num_state_slots:
+            raise ArleError("Forking a sequence of a hybrid (linear-attention) model is not supported.")
         child.page_table = list(parent.page_table)
         for page in child.page_table:
             self._incref(page)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from ..detokenize import TextStream
 from ..errors import ArleError
 from ..executor import Executor
-from ..generate import GenerationResult, StopChecker
-from ..sampler import SamplerState, SamplingParams, sample
+from ..generate import GenerationResult, StopChecker, empty_state
+from ..sampler import SamplerState, SamplingParams, argmax_rows, plain_greedy, sample
 from .kv_pages import PAGE_SIZE, PageManager
 from .model_runner import ModelRunner, pool_pages
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -92,8 +92,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         max_batch = config.max_batch or limits.max_batch
+        # A hybrid model's linear-attention state: one slot per running sequence (no prefix cache).
+        state_slots = max_batch if empty_state(executor, 1) else 0
+        if state_slots and config.prefix_cache:
+            log.info("prefix cache off: a hybrid model's linear-attention state cannot be rebuilt from cached pages")
         pages = PageManager(
-            pool_pages(executor, PAGE_SIZE, config.kv_pages, config.kv_memory_bytes), prefix_cache=config.prefix_cache
+            pool_pages(executor, PAGE_SIZE, config.kv_pages, config.kv_memory_bytes), prefix_cache=config.prefix_cache,
+            state_slots=state_slots,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -106,7 +111,8 @@ class Engine:
             ),
             pages,
         )
-        self.runner = ModelRunner(executor, pages)
+        # A tensor-parallel executor brings a runner that also drives its worker ranks.
+        self.runner = getattr(executor, "runner_class", ModelRunner)(executor, pages)
         self._requests: dict[int, _Request] = {}
         self._pending: list[RequestOutput] = []  # finals of aborts, handed out by the next step
         self._in_flight: set[int] = set()  # requests of the forward pass running now
@@ -218,14 +224,22 @@ class Engine:
         return outputs
 
     def _sample(self, plan: StepPlan, logits) -> list[tuple[int, object]]:
+        seqs = plan.sampling
+        if not seqs:
+            return []
+        greedy = [i for i, seq in enumerate(seqs) if plain_greedy(seq.params)]
+        if len(greedy) == len(seqs):  # the common case: one argmax over the batch, no row copies
+            fast = dict(enumerate(argmax_rows(logits)))
+        else:
+            fast = dict(zip(greedy, argmax_rows(logits[greedy]))) if greedy else {}
         sampled = []
-        for seq, row in zip(plan.sampling, logits):
+        for i, seq in enumerate(seqs):
             if seq.is_finished:  # aborted while the step ran; postprocess skips it
                 sampled.append((0, None))
                 continue
             if seq.sampler_state is None:
                 seq.sampler_state = SamplerState.create(seq.params, seq.prompt_ids, self.executor.device)
-            sampled.append(sample(row, seq.sampler_state))
+            sampled.append((fast[i], None) if i in fast else sample(logits[i], seq.sampler_state))
         return sampled
 
     def _emit(self, seq: Sequence, token: int | None, lp) -> RequestOutput:

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ArleError
 from ..executor import Executor
+from ..generate import empty_state
 from .kv_pages import PageManager
 from .scheduler import PrefillChunk, StepPlan
 from .sequence import Sequence
@@ -47,6 +48,17 @@ class KVLayout:
         """K and V of one position, all layers."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def to_pool_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast new K/V for the pool; an fp8 pool (unit scale) saturates instead of
+    overflowing to NaN, which is what a plain cast to e4m3fn does past +-448."""
+    if dtype == torch.float8_e4m3fn:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
 
 
 def default_kv_budget(device: torch.device) -> int:
@@ -97,12 +109,15 @@ class ModelRunner:
         self.v[:, self.num_slots].zero_()
         self.pad_slot = self.num_slots
         self.scratch_slot = self.num_slots + 1
+        self.past_dtype = getattr(executor, "compute_dtype", lay.dtype)
         self.paged = getattr(executor, "paged", False)
         if self.paged:
             executor.bind_kv_pool(self.k, self.v, self.scratch_slot)
         self._offsets = torch.arange(pages.page_size, device=executor.device)
         self._layer_index = torch.arange(lay.num_layers, device=executor.device)[:, None, None, None]
         self._head_index = torch.arange(lay.num_kv_heads, device=executor.device)[None, None, :, None]
+        # Hybrid models: the linear-attention state pool, [Llin, state slots, ...] per tensor.
+        self.state = empty_state(executor, pages.num_state_slots) if pages.num_state_slots else ()
 
     @property
     def pool_bytes(self) -> int:
@@ -158,10 +173,12 @@ class ModelRunner:
         pos = self._long(positions)
         tokens = self._long([[seq.last_token] for seq in batch])
         last = torch.zeros(len(batch), dtype=torch.long, device=self.executor.device)
-        logits, new_k, new_v = self.executor.decode(tokens, pos[:, None], past_k, past_v, pos, last)
+        state = self.gather_state(batch)
+        logits, new_k, new_v, *state = self.executor.decode(tokens, pos[:, None], past_k, past_v, pos, last, *state)
+        self.scatter_state(batch, state)
         slots = self._long([self.pages.slots(seq, p, 1)[0] for seq, p in zip(batch, positions)])
-        self.k[:, slots] = new_k[:, :, :, 0].to(self.k.dtype)
-        self.v[:, slots] = new_v[:, :, :, 0].to(self.v.dtype)
+        self.k[:, slots] = to_pool_dtype(new_k[:, :, :, 0], self.k.dtype)
+        self.v[:, slots] = to_pool_dtype(new_v[:, :, :, 0], self.v.dtype)
         return logits
 
     def _prefill(self, chunk: PrefillChunk) -> torch.Tensor:
@@ -171,12 +188,30 @@ class ModelRunner:
         positions = torch.arange(start, start + length, device=self.executor.device)[None]
         past_lens = self._long([start])
         last = self._long([length - 1])
-        logits, new_k, new_v = self.executor.prefill(tokens, positions, past_k, past_v, past_lens, last)
+        # A prompt's first chunk (also after a preemption) starts from a zero linear state.
+        state = self.gather_state([seq]) if start or not self.state else empty_state(self.executor, 1)
+        logits, new_k, new_v, *state = self.executor.prefill(tokens, positions, past_k, past_v, past_lens, last, *state)
+        self.scatter_state([seq], state)
         slots = self._long(self.pages.slots(seq, start, length))
         # [L, 1, Hkv, T, D] -> [L, T, Hkv, D], the pool's slot-major order.
-        self.k[:, slots] = new_k[:, 0].transpose(1, 2).to(self.k.dtype)
-        self.v[:, slots] = new_v[:, 0].transpose(1, 2).to(self.v.dtype)
+        self.k[:, slots] = to_pool_dtype(new_k[:, 0].transpose(1, 2), self.k.dtype)
+        self.v[:, slots] = to_pool_dtype(new_v[:, 0].transpose(1, 2), self.v.dtype)
         return logits
+
+    # --- linear-attention state (hybrid models; a no-op for the others) ----------------
+
+    def gather_state(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:
+        if not self.state:
+            return ()
+        rows = self._long([seq.state_slot for seq in seqs])
+        return tuple(pool[:, rows] for pool in self.state)
+
+    def scatter_state(self, seqs: list[Sequence], state) -> None:
+        if not self.state:
+            return
+        rows = self._long([seq.state_slot for seq in seqs])
+        for pool, new in zip(self.state, state):
+            pool[:, rows] = new.to(pool.dtype)
 
     def _slots(self, seq: Sequence, length: int) -> torch.Tensor:
         """Slots of positions [0, length), built from the page table as a tensor
@@ -199,4 +234,6 @@ class ModelRunner:
         # the 135M model's K on one CPU thread).
         k = self.k[self._layer_index, idx, self._head_index]
         v = self.v[self._layer_index, idx, self._head_index]
+        if k.dtype != self.past_dtype:  # an fp8 pool: the programs take their compute dtype
+            k, v = k.to(self.past_dtype), v.to(self.past_dtype)
         return k, v

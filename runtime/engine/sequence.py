@@ -54,6 +54,7 @@ class Sequence:
         self.num_cached_tokens = 0  # served by the prefix cache at the latest admission
         self.num_preemptions = 0
         self.sampler_state: Any = None
+        self.state_slot: int | None = None  # hybrid models: its row of the linear-attention state pool
 
     def __repr__(self) -> str:
         return (

@@ -51,10 +51,12 @@ def load_source(source: str) -> Source:
     if not path.exists():
         raise ArleError(f"Training source {source!r} does not exist; pass a checkpoint folder, a float bundle "
                         "or `default`.")
-    if (path / "manifest.json").is_file():
-        return load_bundle_source(path)
-    if (path / "config.json").is_file():
-        return load_checkpoint(path)
+    if (path / "manifest.json").is_file() or (path / "config.json").is_file():
+        loaded = load_bundle_source(path) if (path / "manifest.json").is_file() else load_checkpoint(path)
+        if loaded.config.is_hybrid:  # the trainer's step has no linear-attention state (arle_models.qwen3_5)
+            raise ArleError(f"{source}: training {loaded.config.architecture} (hybrid linear attention) is not "
+                            "supported yet.")
+        return loaded
     raise ArleError(f"{source} is neither a Hugging Face checkpoint folder (config.json) nor a bundle "
                     "(manifest.json).")
 

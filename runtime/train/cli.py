@@ -229,14 +229,15 @@ def eval_command(source, data_path, max_new_tokens, show, as_json):
               help="Prompts and their verifiable reward.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder: checkpoints, metrics.jsonl, latest.")
 @click.option("--max-steps", default=50, show_default=True, type=int, help="Optimizer steps in all.")
-@click.option("--lr", default=None, type=float, help="Learning rate (default: 1e-5 full, 1e-4 LoRA).")
+@click.option("--lr", default=None, type=float, help="Learning rate (default: 1e-5 full, 3e-4 LoRA).")
 @click.option("--group-size", default=8, show_default=True, type=int, help="Replies sampled per prompt.")
-@click.option("--prompts-per-step", default=2, show_default=True, type=int, help="Prompts (groups) per step.")
+@click.option("--prompts-per-step", default=4, show_default=True, type=int, help="Prompts (groups) per step.")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Longest reply sampled.")
-@click.option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature.")
+@click.option("--temperature", default=0.7, show_default=True, type=float, help="Sampling temperature (the "
+              "policy and the reference are scored at the same temperature).")
 @click.option("--beta", default=0.04, show_default=True, type=float, help="Weight of the KL penalty to the "
               "reference (starting) model.")
-@click.option("--max-operand", default=20, show_default=True, type=int, help="arithmetic: largest summand.")
+@click.option("--max-operand", default=9, show_default=True, type=int, help="arithmetic: largest summand.")
 @click.option("--lora-rank", default=0, show_default=True, type=int, help="Train LoRA adapters (0: all weights).")
 @click.option("--lora-alpha", default=16.0, show_default=True, type=float)
 @click.option("--merge-lora", is_flag=True, help="Write merged weights into each checkpoint.")
@@ -251,7 +252,7 @@ def grpo(source, task, out, max_steps, lr, group_size, prompts_per_step, max_new
     from .grpo import GRPOConfig, GRPOTrainer
     from .trainer import TrainConfig
 
-    cfg = TrainConfig(out=out, max_steps=max_steps, lr=lr or (1e-4 if lora_rank else 1e-5), batch_size=group_size,
+    cfg = TrainConfig(out=out, max_steps=max_steps, lr=lr or (3e-4 if lora_rank else 1e-5), batch_size=group_size,
                       grad_accum=prompts_per_step, seed=seed, max_grad_norm=max_grad_norm, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, merge_lora=merge_lora, save_every=save_every)
     cfg.check()

@@ -115,6 +115,9 @@ class Trainer:
         cfg.check()
         if not examples:
             raise ArleError("There are no training examples.")
+        if getattr(source.config, "is_hybrid", False):  # the train step threads a KV cache only, no recurrent state
+            raise ArleError(f"Training does not support hybrid linear-attention models ({source.config.architecture}) "
+                            "yet; train a Llama, Qwen3 or Qwen3-MoE model.")
         self.source, self.source_name, self.examples, self.cfg, self.kind = source, source_name, examples, cfg, kind
         self.out = Path(cfg.out)
         self.device = pick_device()

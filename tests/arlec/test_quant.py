@@ -125,7 +125,7 @@ def test_int8_embedding_matches_dequantized_rows():
     torch.testing.assert_close(emb(tokens), dequant_int8(emb.weight, emb.scales)[tokens])
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int2", "INT8", "", "q4_0"])
+@pytest.mark.parametrize("scheme", ["fp4", "int2", "INT8", "", "q4_0"])
 def test_parse_quant_rejects_unknown_scheme(scheme):
     with pytest.raises(ArleError, match="Unknown quantization"):
         parse_quant(scheme)
@@ -194,3 +194,51 @@ def test_quantized_tiny_model_logits_close_to_float(scheme, tie):
             assert model.lm_head.weight is model.embed_tokens.weight
         # the float model is untouched (quantize_model works in place, on the copy)
         assert isinstance(base.lm_head, nn.Linear)
+
+
+def test_fp8_rows_round_trip_and_layer_matches_dequantized_math():
+    from arle_models.quant_layers import Fp8Linear
+    from arlec.quant import quantize_fp8_rows
+
+    torch.manual_seed(3)
+    w = torch.randn(64, 128) * torch.logspace(-3, 1, 64)[:, None]
+    q, scale = quantize_fp8_rows(w)
+    assert q.dtype == torch.float8_e4m3fn and torch.allclose(q.float().abs().amax(1), torch.full((64,), 448.0))
+    deq = q.float() * scale[:, None]
+    # e4m3 keeps 3 mantissa bits: relative rounding error at most 2^-4 per element (normal range)
+    big = w.abs() > scale[:, None] * 2**-6
+    assert ((deq - w).abs()[big] <= w.abs()[big] * 2**-4 + 1e-12).all()
+
+    layer = Fp8Linear(128, 64, torch.bfloat16)
+    layer.weight, layer.scales = q, scale[None, :]
+    x = torch.randn(3, 5, 128, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.shape == (3, 5, 64) and out.dtype == torch.bfloat16
+    ref = x.float() @ deq.t()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.06  # activation fp8 rounding dominates
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fp8_tiny_model_logits_close_to_float_and_weights_stay_fp8(tie):
+    from arle_models.quant_layers import Fp8Linear
+
+    torch.manual_seed(0)
+    base = build_model(tiny_config(tie=tie)).eval()
+    tokens = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref = base.all_logits(tokens)
+        model = quantize_model(copy.deepcopy(base).fuse_projections(), parse_quant("fp8")).eval()
+        out = model.all_logits(tokens)
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8) == 4 * model.config.num_layers + 1  # qkv, o, gate_up, down per layer + LM head
+    assert all(m.weight.dtype == torch.float8_e4m3fn and m.scales.dtype == torch.float32 for m in fp8)
+    assert model.compute_dtype == torch.bfloat16 and model.embed_tokens.weight.dtype == torch.bfloat16
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 0.08, f"fp8: relative logit error {rel:.4f}"
+
+
+def test_fp8_refused_by_cpu_target_with_a_sentence():
+    from arle_targets import get_target
+
+    with pytest.raises(ArleError, match="fp8"):
+        get_target("cpu").check("fp8")

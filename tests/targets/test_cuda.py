@@ -16,7 +16,7 @@ import torch
 
 from arle_runtime.errors import ArleError
 from arle_targets.kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, build_bundle, run_cli
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -59,8 +59,21 @@ def test_cuda_build_without_a_gpu_says_so(tmp_path):
 
 
 def test_cuda_build_refuses_quantizations_it_lacks(tmp_path):
-    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "int4", "--out", str(tmp_path / "b.arle"))
-    assert_clean_error(proc, "does not support --quant int4")
+    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "int8", "--out", str(tmp_path / "b.arle"))
+    assert_clean_error(proc, "does not support --quant int8")
+
+
+@pytest.mark.parametrize("target,quant", [("cpu", "fp8"), ("cpu", "bf16"), ("onnx", "fp32")])
+def test_fp8_kv_cache_is_refused_off_cuda(tmp_path, target, quant):
+    proc = run_cli("arlec", "build", "--target", target, "--quant", quant, "--kv-dtype", "fp8",
+                   "--out", str(tmp_path / "b.arle"))
+    assert_clean_error(proc, "fp8")
+    assert not (tmp_path / "b.arle").exists()
+
+
+def test_fp8_kernel_source_converts_pool_loads():
+    source = render_paged_decode(spec(kv_dtype="float8_e4m3fn"))
+    assert "KV dtype=float8_e4m3fn" in source and ".to(q.dtype)" in source
 
 
 def test_the_runtime_finds_the_system_libstdcxx_and_reexecs_once():
@@ -103,17 +116,75 @@ def test_paged_decode_kernel_matches_the_torch_reference(tmp_path, head_dim, hea
     assert err < 1e-2, err
 
 
-@pytest.fixture(scope="module")
-def cuda_bundle(tmp_path_factory) -> Path:
+@needs_gpu
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 16, 8)])
+def test_paged_decode_kernel_reads_an_fp8_pool(tmp_path, head_dim, heads, kv_heads):
+    from arle_models.layers import paged_decode_reference
+
+    path = tmp_path / "k.py"
+    path.write_text(render_paged_decode(spec(head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads,
+                                             kv_dtype="float8_e4m3fn")))
+    kernel = load_kernel_module(path).paged_decode_attention
+    g = torch.Generator(device="cuda").manual_seed(7)
+    B, pages = 4, 20
+    past_lens = torch.tensor([0, 5, 100, 319], dtype=torch.int32, device="cuda")
+    table = torch.randperm(B * pages, device="cuda", generator=g).view(B, pages).to(torch.int32)
+    pool_k = torch.randn(B * pages * 16 + 2, kv_heads, head_dim, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    pool_v = torch.randn(pool_k.shape, device="cuda", generator=g).to(torch.float8_e4m3fn)
+    q = torch.randn(B, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(B, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    got = kernel(q, k, v, pool_k, pool_v, table, past_lens).float()
+    want = paged_decode_reference(q.float(), k.float(), v.float(), pool_k.float(), pool_v.float(), table, past_lens)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def tiny_checkpoint(bundle_dir: Path) -> Path:
     from random_checkpoint import write_checkpoint
 
-    root = tmp_path_factory.mktemp("cuda")
-    ckpt = write_checkpoint("llama-tiny", root / "ckpt")
-    out = root / "tiny-bf16-cuda.arle"
-    proc = run_cli("arlec", "build", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16", "--max-batch", "16",
-                   "--max-context", "512", "--out", str(out))
+    ckpt = bundle_dir / "llama-tiny-ckpt"
+    if not (ckpt / "config.json").is_file():
+        write_checkpoint("llama-tiny", ckpt)
+    return ckpt
+
+
+def build_tiny_cuda(bundle_dir: Path, name: str, *args: str) -> Path:
+    return build_bundle(bundle_dir, name, "--model", str(tiny_checkpoint(bundle_dir)), "--target", "cuda",
+                        "--max-batch", "16", "--max-context", "512", *args)
+
+
+@pytest.fixture(scope="module")
+def cuda_bundle(bundle_dir) -> Path:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return build_tiny_cuda(bundle_dir, "tiny-bf16-cuda", "--quant", "bf16")
+
+
+@needs_gpu
+@pytest.mark.parametrize("name,args", [("tiny-fp8-kvfp8-cuda", ("--quant", "fp8", "--kv-dtype", "fp8")),
+                                       ("tiny-int4-cuda", ("--quant", "int4", "--group-size", "64"))])
+def test_quantized_cuda_bundles_build_and_verify(bundle_dir, name, args):
+    bundle = build_tiny_cuda(bundle_dir, name, *args)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if "fp8" in name:
+        assert manifest["kv_cache"]["dtype"] == "float8_e4m3fn"
+        assert manifest["programs"]["decode_paged"]["kernel_spec"]["kv_dtype"] == "float8_e4m3fn"
+    proc = run_cli("arlec", "verify", str(bundle))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+@needs_gpu
+def test_greedy_tokens_equal_transformers_on_the_same_bf16_weights(cuda_bundle, bundle_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
+    proc = run_cli("arle-runtime", "run", str(cuda_bundle), "--raw", "--json", "--prompt", prompt,
+                   "--max-tokens", "32", "--temperature", "0", "--no-verify")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    ours = json.loads(proc.stdout)["token_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(bundle_dir), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
+    out = model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()
+    assert ours == out[: len(ours)]
 
 
 @needs_gpu

@@ -33,11 +33,11 @@ def test_shape_plan_defaults_and_limits():
         shape_plan(BuildOptions(max_prefill_tokens=4096, max_context=1024), _spec())
 
 
-def test_unknown_and_unbuilt_targets_are_refused():
+def test_unknown_targets_and_unsupported_quants_are_refused():
     with pytest.raises(ArleError, match="Unknown target"):
         get_target("tpu")
-    with pytest.raises(ArleError, match="not built yet"):
-        get_target("metal")
+    with pytest.raises(ArleError, match="supports only"):
+        get_target("metal").check("int4")
     with pytest.raises(ArleError, match="does not support"):
         get_target("cpu").check("fp8")
 

@@ -145,3 +145,17 @@ def test_interrupt_saves_the_last_step_and_exits_130(tiny_hf_model, chat_data, t
     state = json.loads((run / "latest" / "trainer" / "state.json").read_text())
     assert state["step"] == len(losses(run)) >= 2
     assert "continue with --resume" in out
+
+
+def test_hybrid_linear_attention_model_is_refused_with_a_sentence(tiny_hf_model, tmp_path):
+    import dataclasses
+
+    from arle_runtime.train.checkpoint import load_source
+    from arle_runtime.train.data import Example
+    from arle_runtime.train.trainer import TrainConfig, Trainer
+
+    src = load_source(str(tiny_hf_model))
+    src.config = dataclasses.replace(src.config, architecture="qwen3_5",
+                                     layer_types=("linear_attention", "full_attention"))
+    with pytest.raises(ArleError, match="hybrid linear-attention"):
+        Trainer(src, "x", [Example([1, 2, 3], [True] * 3)], TrainConfig(out=str(tmp_path / "run")), "sft")
