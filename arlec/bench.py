@@ -13,7 +13,9 @@ The median over --repeats runs (after one identical warm-up run) is reported;
 peak_rss_bytes is the process's peak resident memory after the warm-up run (before the
 reference's matrices are allocated).
 
-The reference, plain eager torch on the same threads, sampled for REFERENCE_SECONDS before
+The reference, plain eager torch on the same threads (on the GPU for a cuda bundle, where
+peak_rss_bytes is still the host's and the GPU's peak allocation is reported beside it),
+sampled for REFERENCE_SECONDS before
 each run and after the last; each run's ratios use the mean of the samples around it, and
 the reported ratio is the median over runs:
   gemv_bytes_s    an fp32 matrix-vector product (torch.mv) over a matrix as large as the
@@ -126,29 +128,39 @@ def timed_request(engine, prompt: list[int], new_tokens: int) -> dict:
 
 
 class Reference:
-    """Plain eager torch on the process's threads: an fp32 GEMV over a matrix the size of the
-    weights (memory bandwidth) and an fp32 GEMM shaped like a prefill (compute rate)."""
+    """Plain eager torch on the device the bundle runs on (the process's threads on a CPU,
+    the GPU for a cuda bundle): an fp32 GEMV over a matrix the size of the weights (memory
+    bandwidth) and an fp32 GEMM shaped like a prefill (compute rate)."""
 
-    def __init__(self, weight_bytes: int, prompt_tokens: int):
+    def __init__(self, weight_bytes: int, prompt_tokens: int, device=None):
         import torch
 
+        self.device = torch.device(device or "cpu")
         rows = max(1024, min(weight_bytes, REFERENCE_MAX_BYTES) // (4 * 4096))
-        self.matrix, self.vector = torch.randn(rows, 4096), torch.randn(4096)
-        self.a, self.b = torch.randn(max(prompt_tokens, 16), 1024), torch.randn(1024, 1024)
+        new = dict(device=self.device)
+        self.matrix, self.vector = torch.randn(rows, 4096, **new), torch.randn(4096, **new)
+        self.a, self.b = torch.randn(max(prompt_tokens, 16), 1024, **new), torch.randn(1024, 1024, **new)
         self.threads = torch.get_num_threads()
         self.measure(0.05)  # fault the pages in, warm the kernels
+
+    def _sync(self, fn):
+        import torch
+
+        if self.device.type != "cuda":
+            return fn
+        return lambda: (fn(), torch.cuda.synchronize(self.device))  # time the kernel, not its launch
 
     def measure(self, seconds: float = REFERENCE_SECONDS) -> dict:
         """Median rates over about `seconds` of each kernel."""
         import torch
 
-        mv = _repeat(lambda: torch.mv(self.matrix, self.vector), seconds / 2)
-        mm = _repeat(lambda: self.a @ self.b, seconds / 2)
+        mv = _repeat(self._sync(lambda: torch.mv(self.matrix, self.vector)), seconds / 2)
+        mm = _repeat(self._sync(lambda: self.a @ self.b), seconds / 2)
         return {"gemv_bytes_s": self.matrix.numel() * 4 / mv, "gemm_flop_s": 2 * self.a.shape[0] * 1024 * 1024 / mm}
 
     def describe(self) -> dict:
         return {"gemv_matrix_bytes": self.matrix.numel() * 4, "gemm_shape": [self.a.shape[0], 1024, 1024],
-                "threads": self.threads}
+                "threads": self.threads, "device": str(self.device)}
 
 
 def _repeat(fn, seconds: float) -> float:
@@ -200,7 +212,7 @@ def run_bench(bundle: str, prompt_tokens: int = 128, new_tokens: int = 64, repea
     engine = session.engine
     timed_request(engine, prompt, new_tokens)  # warm-up: first-call costs out of the numbers
     rss = peak_rss_bytes()  # before the reference's matrices exist; the measured runs repeat the warm-up
-    reference = Reference(weight_bytes, prompt_tokens)
+    reference = Reference(weight_bytes, prompt_tokens, session.executor.device)
     # The reference is sampled around every run and each run is normalized by the mean of
     # its two neighbours, so load that comes and goes on a shared machine hits both alike.
     samples = [reference.measure()]
@@ -235,7 +247,17 @@ def run_bench(bundle: str, prompt_tokens: int = 128, new_tokens: int = 64, repea
         "reference": ref,
         "ratios": {name: statistics.median(r[name] for r in per_run) for name in METRICS},
         "runs": runs,
+        **gpu_facts(session.executor.device),
     }
+
+
+def gpu_facts(device) -> dict:
+    import torch
+
+    if getattr(device, "type", "cpu") != "cuda":
+        return {}
+    return {"gpu": {"name": torch.cuda.get_device_name(device),
+                    "peak_allocated_bytes": torch.cuda.max_memory_allocated(device)}}
 
 
 def _fmt(name: str, value: float) -> str:

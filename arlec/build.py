@@ -24,7 +24,7 @@ from arle_targets import ShapePlan, decode_buckets, get_target
 
 from . import __version__
 from .bundle import atomic_bundle_dir, write_manifest, write_weights
-from .quant import QuantSpec, parse_quant, quantize_model
+from .quant import QuantSpec, for_target, parse_quant, quantize_model
 from .sources import ModelSpec, load_source
 
 REFERENCE_QUESTION = "What is the capital of France?"
@@ -186,6 +186,7 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
     if opts.tp > 1 and quant.scheme not in TP_QUANTS:
         raise ArleError(f"--tp needs float weights; choose --quant {' or '.join(TP_QUANTS)} (got {quant.scheme}).")
     target.check(quant.scheme)
+    quant = for_target(quant, target.name)
     stages = tqdm(total=9, desc="load source", unit="stage", bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}]")
     timings: dict[str, float] = {}
     t, current = time.perf_counter(), "load source"
@@ -220,7 +221,7 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
         model = build_model(spec.config)
         model.load_state_dict(spec.tensors, strict=False)
         model.eval().fuse_projections()
-        quantize_model(model, quant, kernels="cuda" if target.name == "cuda" else "cpu")
+        quantize_model(model, quant, kernels=target.name if target.name in ("cuda", "metal") else "cpu")
         spec.tensors.clear()  # the float copies are no longer needed
         model.to(getattr(target, "device", torch.device("cpu")))
         progress("reference outputs")

@@ -124,4 +124,7 @@ class Int4MetalLinear(nn.Module):
         packed = self.weight.to(torch.int32)  # TVM's importer has no shifts, and types literals int32
         q = torch.stack((packed // 16, packed & 15), dim=-1).to(self.scales.dtype)
         w = (q.reshape(N, groups, self.group_size) - 8) * self.scales[..., None] + self.zeros[..., None]
-        return nn.functional.linear(x, w.reshape(N, self.in_features))
+        # 2-D, so every step's import is one x @ W.T (a 3-D one can import as a batched matmul
+        # of a broadcast weight, which stops the dequantization from fusing into it)
+        out = nn.functional.linear(x.reshape(-1, self.in_features), w.reshape(N, self.in_features))
+        return out.reshape(*x.shape[:-1], N)

@@ -20,6 +20,8 @@ import platform
 import shutil
 from pathlib import Path
 
+import torch
+
 from arle_models import CausalLM
 from arle_runtime.errors import ArleError
 
@@ -29,8 +31,9 @@ from .tvm_lower import METAL_HOST_TRIPLE, TVM_VERSION, compile_step, import_step
 
 # fp16 (the Apple GPU's native float) does not import yet: torch.export gives the fp16
 # step's inputs separate batch symbols, so TVM cannot prove the rotary multiply's shapes
-# equal (docs/metal.md). int8/int4 here are ATen CPU kernels, which TVM's importer cannot read.
-SUPPORTED_QUANTS = ("fp32",)
+# equal (docs/metal.md). int4 is arle_models' Int4MetalLinear (plain-op dequantization,
+# computing in fp32); int8 has no such layer yet.
+SUPPORTED_QUANTS = ("fp32", "int4")
 
 
 def keep_objects(output: str, files: list[str]) -> None:
@@ -67,17 +70,20 @@ class MetalTarget:
     def check(self, quant_scheme: str) -> None:
         if quant_scheme not in SUPPORTED_QUANTS:
             raise ArleError(
-                f"The metal target supports only --quant fp32 for now, not {quant_scheme}; "
-                f"use fp32, or --target cpu for {quant_scheme}."
+                f"The metal target supports only --quant fp32 or int4 for now, not {quant_scheme}; "
+                f"use one of those, or --target cpu for {quant_scheme}."
             )
         import_tvm()
 
     def lower(self, model: CausalLM, plan: ShapePlan, out_dir: Path, progress) -> Lowered:
         programs, files = {}, []
+        # int4 needs fusion (the dequantization folded into its matmul, tvm_lower.dequantize_into_matmul);
+        # fp32 keeps the proven unfused pipeline (docs/metal.md). llvm gets the same passes as Metal.
+        fuse = any(p.dtype == torch.uint8 for p in model.parameters())
         for name, prefill in (("prefill", True), ("decode", False)):
             progress(f"lower {name} (TVM metal)")
             mod, params = import_step(model, plan, prefill)
-            metal = compile_step(mod, "metal", fuse=False)
+            metal = compile_step(mod, "metal", fuse=fuse)
             objects = out_dir / "metal" / name
             metal.export_library(str(objects), fcompile=keep_objects)
             source = "\n".join(device_sources(metal.mod, "metal"))
@@ -86,7 +92,7 @@ class MetalTarget:
                 raise ArleError(f"TVM generated no Metal kernel for the {name} step; this TVM build lacks Metal codegen.")
             (out_dir / "metal" / f"{name}.metal").write_text(source)
             progress(f"compile {name} (TVM llvm)")
-            cpu = compile_step(mod, "llvm", fuse=False)
+            cpu = compile_step(mod, "llvm", fuse=fuse)
             (out_dir / "llvm").mkdir(exist_ok=True)
             cpu.export_library(str(out_dir / "llvm" / f"{name}.so"))
             programs[name] = {
@@ -95,6 +101,7 @@ class MetalTarget:
                 "objects": sorted(p.name for p in objects.iterdir()),
                 "shader_source": f"metal/{name}.metal",
                 "kernels": len(kernels),
+                "fused": fuse,
                 "llvm": {"path": f"llvm/{name}.so", "format": "tvm-llvm"},
                 "params": params,
                 **program_ranges(plan, prefill),

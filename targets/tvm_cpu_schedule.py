@@ -26,6 +26,11 @@ def nt_matmul_rule():
             block = sch.get_sblock("NT_matmul")
         except Exception:  # not a transposed matmul
             return None
+        # A fused int4 dequantization (tvm_lower.dequantize_into_matmul) computes the weight
+        # in blocks before the matmul: inline them, so each nibble is decoded where it is read.
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        for producer in reversed(blocks[: [sch.get(b) for b in blocks].index(sch.get(block))]):
+            sch.compute_inline(producer)
         weight_ndim = len(sch.get(block).reads[1].region)
         loops = sch.get_loops(block)
         reduction = loops[-1]

@@ -13,8 +13,10 @@ Workarounds for TVM 0.27.0 (docs/metal.md lists the upstream fixes that remove t
   clamps the end to the dim and marks the slice in bounds (torch.export guarantees it).
 - dlight's MetalMatmul (simdgroup) rule segfaults in Metal codegen: it is disabled, so
   Metal matmuls get dlight's generic GPU matmul schedule.
-- FuseOps/FuseTIR break the KV-cache decode step on cuda/metal: the Metal build runs
-  without fusion. The llvm build keeps the same passes and adds only CPU schedules.
+- FuseOps/FuseTIR broke the KV-cache decode step on cuda/metal (an HF Qwen3 module): fp32
+  builds run without fusion. int4 builds need it (dequantize_into_matmul) and fuse; on our
+  own steps that compiles for Metal. The llvm build keeps the same passes and adds only CPU
+  schedules.
 """
 
 from __future__ import annotations
@@ -99,6 +101,35 @@ def clipped_takes(mod):
     return rewriter.builder_.get()
 
 
+METAL_MAX_BUFFERS = 31  # buffer arguments one Metal kernel may take (TVM warns past it; the kernel would not run)
+
+
+def narrow_concats(mod, max_inputs: int = 16):
+    """Every `concat` of more than max_inputs tensors as a concat of concats: stacking the
+    new K (or V) of SmolLM2's 30 layers made one Metal kernel with 32 buffers, over Metal's
+    31 (METAL_MAX_BUFFERS). Exact; one extra copy of the new rows."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class NarrowConcats(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            fields = getattr(call.args[0], "fields", None) if call.args else None
+            if getattr(call.op, "name", None) != "relax.concat" or fields is None or len(fields) <= max_inputs:
+                return call
+            axis = call.attrs.axis
+            parts = [self.builder_.emit(relax.op.concat(fields[i:i + max_inputs], axis=axis))
+                     for i in range(0, len(fields), max_inputs)]
+            return relax.op.concat(parts, axis=axis)
+
+    rewriter = NarrowConcats(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 def matmul_in_input_dtype(node, importer):
     """`aten.mm/bmm/matmul`: TVM 0.27's importer hard-codes a float32 result, so an fp16
     model's next op (the KV concat) meets mixed dtypes. Accumulate in float32, as torch's
@@ -130,7 +161,7 @@ def import_step(model: CausalLM, plan: ShapePlan, prefill: bool):
     targets = {s.arg.name: s.target for s in exported.graph_signature.input_specs
                if s.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
     mod, _ = relax.frontend.detach_params(mod)  # the weights come from the bundle at load
-    mod = clipped_takes(mod)
+    mod = narrow_concats(clipped_takes(mod))
     names = [targets[v.name] for v in mod["main"].params[STEP_INPUTS:]]
     return mod, names
 
@@ -159,6 +190,30 @@ def metal_matmul_disabled():
         matmul.MetalMatmul.apply = saved
 
 
+def dequantize_into_matmul():
+    """Fold each int4 dequantization (FuseOps makes it one function that writes the float
+    weight) into the matmul that reads it, so the float weight is never materialized: one
+    kernel reads the packed nibbles (what MLC-LLM does for its quantized models). Runs after
+    FuseOps/FuseTIR; matches by the fused functions' names."""
+    from tvm import relax
+    from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
+
+    def is_dequantize_matmul(ctx) -> bool:
+        dequant, mm = ctx.annotated_expr["weight"], ctx.annotated_expr["matmul"]
+        return "floor_divide" in dequant.args[0].name_hint and "NT_matmul" in mm.args[0].name_hint
+
+    patterns = []
+    for dims in range(3):  # a matmul over symbolic dims takes their values as trailing fields (prefill: 2)
+        weight = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard(), wildcard(), wildcard()]),
+                                        add_constraint=False)  # packed nibbles, scales, zeros
+        x = wildcard()  # one pattern object per field: a pattern matches one expression only
+        fields = [x, weight] + [wildcard() for _ in range(dims)]
+        matmul = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern(fields), add_constraint=False)
+        patterns.append((f"dequantize_matmul{dims}", matmul, {"x": x, "weight": weight, "matmul": matmul},
+                         is_dequantize_matmul))
+    return [relax.transform.FuseOpsByPattern(patterns), relax.transform.FuseTIR()]
+
+
 def relax_pipeline(target, fuse: bool):
     """The target's default Relax pipeline with fusion optional and our schedule rules."""
     import tvm
@@ -175,7 +230,7 @@ def relax_pipeline(target, fuse: bool):
     # x @ W.T as one kernel reading W in place (else each step materializes every W.T).
     legalize = [relax.transform.FuseTransposeMatmul(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
     if fuse:
-        legalize += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        legalize += [relax.transform.FuseOps(), relax.transform.FuseTIR(), *dequantize_into_matmul()]
     passes = (backend.library_dispatch_passes(target) + legalize + [dl.ApplyDefaultSchedule(*rules)]
               + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
 

@@ -120,3 +120,29 @@ def bundle_copy(tmp_path):
         return dst
 
     return copy
+
+
+def assert_steps_equal_eager_torch(bundle, executor, split_decode: bool = False):
+    """A target's compiled prefill and decode against the eager model on the bundle's own
+    weights: batch 3 over a shared padded past with valid lengths 7, 3 and 0 (one empty)."""
+    import torch
+
+    from arle_models import build_model
+
+    model = build_model(bundle.config).fuse_projections().eval()
+    model.load_state_dict(bundle.weights, strict=False)
+    torch.manual_seed(1)
+    past_k = torch.randn(executor.cache_shape(3, 7))
+    past_v = torch.randn(executor.cache_shape(3, 7))
+    past_lens = torch.tensor([7, 3, 0])
+    for step, new, split in ((executor.prefill, 5, False), (executor.decode, 1, split_decode)):
+        tokens = torch.randint(0, bundle.config.vocab_size, (3, new))
+        positions = past_lens[:, None] + torch.arange(new)[None]
+        last = torch.full((3,), new - 1)
+        got = step(tokens, positions, past_k, past_v, past_lens, last)
+        model.use_split_attention(split)
+        with torch.no_grad():
+            want = model(tokens, positions, past_k, past_v, past_lens, last)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -241,3 +241,14 @@ def test_load_compiles_nothing_and_batching_changes_no_greedy_token(cuda_bundle,
     generated = [p for p in caches["TORCHINDUCTOR_CACHE_DIR"].rglob("*") if p.suffix in (".py", ".cpp", ".cu", ".ttir")]
     assert not generated, f"Inductor generated code during load: {generated[:5]}"
     assert result["together"] == result["alone"]
+
+
+@needs_gpu
+def test_bench_measures_a_cuda_bundle_against_a_gpu_reference(cuda_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("arlec", "bench", str(cuda_bundle), "--prompt-tokens", "32", "--new-tokens", "16",
+                   "--repeats", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["reference"]["device"].startswith("cuda") and result["gpu"]["peak_allocated_bytes"] > 0
+    assert all(v > 0 for v in result["ratios"].values())

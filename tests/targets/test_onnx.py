@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from conftest import assert_clean_error, build_bundle, run_cli
+from conftest import assert_clean_error, assert_steps_equal_eager_torch, build_bundle, run_cli
 
 pytest.importorskip("onnxruntime", reason="the onnx target runs on onnxruntime, which is not installed")
 pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript, which is not installed")
@@ -41,30 +40,11 @@ def test_arlec_verify_passes_on_an_onnx_bundle(tiny_onnx_bundle):
 
 
 def test_onnx_steps_equal_eager_torch_for_ragged_batches(tiny_onnx_bundle):
-    """Batch 3, a shared padded past with different valid lengths (one empty), prefill and decode."""
-    from arle_models import build_model
     from arle_runtime.bundle import load_bundle
     from arle_runtime.onnx_executor import OnnxExecutor
 
     bundle = load_bundle(tiny_onnx_bundle)
-    executor = OnnxExecutor(bundle, threads=1)
-    model = build_model(bundle.config).fuse_projections().eval()
-    model.load_state_dict(bundle.weights, strict=False)
-    torch.manual_seed(1)
-    past = 7
-    past_k = torch.randn(executor.cache_shape(3, past))
-    past_v = torch.randn(executor.cache_shape(3, past))
-    past_lens = torch.tensor([7, 3, 0])
-    for step, new in ((executor.prefill, 5), (executor.decode, 1)):
-        tokens = torch.randint(0, bundle.config.vocab_size, (3, new))
-        positions = past_lens[:, None] + torch.arange(new)[None]
-        last = torch.full((3,), new - 1)
-        got = step(tokens, positions, past_k, past_v, past_lens, last)
-        with torch.no_grad():
-            want = model(tokens, positions, past_k, past_v, past_lens, last)
-        for g, w in zip(got, want):
-            assert g.shape == w.shape and g.dtype == w.dtype
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert_steps_equal_eager_torch(bundle, OnnxExecutor(bundle, threads=1))
 
 
 def test_arle_runtime_run_on_onnx_equals_the_cpu_bundle(tiny_onnx_bundle, tiny_bundle):
