@@ -37,7 +37,7 @@ def test_unknown_targets_and_unsupported_quants_are_refused():
     with pytest.raises(ArleError, match="Unknown target"):
         get_target("tpu")
     with pytest.raises(ArleError, match="supports only"):
-        get_target("metal").check("int4")
+        get_target("metal").check("fp16")
     with pytest.raises(ArleError, match="does not support"):
         get_target("cpu").check("fp8")
 
