@@ -34,7 +34,7 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # The runtime's needs besides torch, as in pyproject's [project] dependencies.
 RUNTIME_REQUIREMENTS = (
     "safetensors>=0.4",
-    "tokenizers>=0.20",
+    "tokenizers>=0.21",
     "jinja2>=3.1",
     "click>=8.1",
     "tqdm>=4.66",

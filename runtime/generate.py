@@ -83,9 +83,16 @@ class StopChecker:
     def __init__(self, stop: tuple[str, ...]):
         self.stop = tuple(s for s in stop if s)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self._searched = 0  # text length already searched: no stop string starts before it - hold
 
     def find(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        """Where the first stop string begins in `text` (which only grows between calls),
+        or None. Searches only the tail a new match could touch, so a long generation
+        costs O(new text) per call, not O(all text)."""
+        if not self.stop:
+            return None
+        start, self._searched = max(0, self._searched - self.hold), len(text)
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
 

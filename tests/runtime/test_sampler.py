@@ -60,5 +60,17 @@ def test_out_of_range_values_are_refused(field, value):
 def test_stop_checker_finds_earliest_stop_and_holds_back():
     checker = StopChecker(("END", "\n\n"))
     assert checker.find("abc\n\nxyz END") == 3
-    assert checker.find("no stop here") is None
+    assert StopChecker(("END",)).find("no stop here") is None
     assert checker.hold == 2
+
+
+def test_stop_checker_finds_a_stop_string_split_across_growing_text():
+    checker = StopChecker(("STOP", "x"))
+    text = ""
+    for piece in ["a long ", "answer S", "T", "OP and more"]:
+        text += piece
+        cut = checker.find(text)
+        if cut is not None:
+            break
+    assert cut == text.index("STOP") == 14 and piece == "OP and more"
+    assert StopChecker(()).find("anything") is None

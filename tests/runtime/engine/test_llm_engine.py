@@ -46,6 +46,23 @@ def test_greedy_tokens_of_prompts_run_together_equal_each_prompt_run_alone(engin
     assert engine.stats()["kv_pages_in_use"] == 0
 
 
+def test_prompts_padded_into_shared_prefill_calls_keep_every_greedy_token(engine_session):
+    # The cuda executor's allowance (padded rows in one call); the CPU's own is 1.0.
+    prompts = _prompts([30, 28, 31, 12, 32, 29, 25, 27], seed=3)
+    engine = _engine(engine_session, prefix_cache=False, max_num_batched_tokens=8 + 128)
+    engine.runner.prefill_padding_limit = 1.25
+    calls = []
+    inner = engine_session.executor.prefill
+    engine_session.executor.prefill = lambda *a: calls.append(a[0].shape[0]) or inner(*a)
+    try:
+        results = engine.generate(prompts, GREEDY)
+    finally:
+        engine_session.executor.prefill = inner
+    assert max(calls) > 1  # some calls really held several prompts
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == _alone(engine_session, prompt).token_ids
+
+
 def test_a_shared_prefix_is_served_from_the_cache_and_changes_no_token(engine_session):
     prefix = _prompts([40], seed=1)[0]
     first, second = prefix + [501, 502, 503], prefix + [601, 602, 603, 604, 605]

@@ -86,3 +86,52 @@ def test_a_decode_batch_above_the_bundles_max_batch_is_split_and_rows_stay_exact
     assert 3 in recorder.decode_batches  # 11 running sequences: calls of 8 and 3
     for prompt, result in zip(prompts, results):
         assert result.token_ids == generate(ex, engine_session.tokenizer, prompt, params).token_ids
+
+
+def _chunk(start: int, length: int, seed: int = 0):
+    from arle_runtime.engine import PrefillChunk
+
+    seq = Sequence([(seed * 7919 + i * 31) % 4000 + 100 for i in range(start + length)], SamplingParams())
+    return PrefillChunk(seq, start, length)
+
+
+def test_prefill_groups_share_a_call_within_batch_context_and_padding_limits():
+    from arle_runtime.engine.model_runner import prefill_groups
+    from arle_runtime.executor import StepLimits
+
+    limits = StepLimits(max_batch=3, max_prefill_tokens=32, max_context=64)
+    gpu = 1.25  # the cuda executor's padding limit
+    same = [_chunk(0, 30), _chunk(0, 28), _chunk(0, 29)]
+    assert [len(g) for g in prefill_groups(same, limits, gpu)] == [3]
+    # A fourth row is past max_batch; a short chunk beside long ones would pad too much.
+    assert [len(g) for g in prefill_groups(same + [_chunk(0, 30)], limits, gpu)] == [3, 1]
+    assert [[c.length for c in g] for g in prefill_groups([_chunk(0, 30), _chunk(0, 4)], limits, gpu)] == [[30], [4]]
+    # Longest past + longest chunk must stay inside the context, whatever the rows are alone.
+    assert len(prefill_groups([_chunk(40, 20), _chunk(0, 30)], limits, gpu)) == 2
+    # No padding allowed (the CPU's limit): only equal rows share a call.
+    assert [len(g) for g in prefill_groups(same + [_chunk(0, 30)], limits)] == [2, 1, 1]
+    # Hybrid models (equal_lengths): padding would run through the recurrent state.
+    assert len(prefill_groups([_chunk(0, 30), _chunk(0, 29)], limits, gpu, equal_lengths=True)) == 2
+    assert len(prefill_groups([_chunk(0, 30), _chunk(0, 30)], limits, gpu, equal_lengths=True)) == 1
+
+
+def test_a_padded_prefill_group_gives_each_chunk_the_logits_and_kv_of_running_it_alone(engine_session):
+    def run(groups):
+        pages = PageManager(32)
+        runner = ModelRunner(engine_session.executor, pages)
+        chunks = [_chunk(0, 20, seed=1), _chunk(0, 18, seed=2), _chunk(16, 17, seed=3)]
+        for c in chunks:
+            c.seq.page_table = [pages._allocate() for _ in range(pages.pages_for(c.start + c.length))]
+        runner.k.normal_(), runner.v.normal_()  # the third chunk's first 16 positions are its past
+        runner.k[:, runner.pad_slot] = runner.v[:, runner.pad_slot] = 0
+        logits = [runner._prefill([chunks[i] for i in g]) for g in groups]
+        slots = torch.tensor([s for c in chunks for s in pages.slots(c.seq, c.start, c.length)])
+        return logits, runner.k[:, slots], runner.v[:, slots]
+
+    torch.manual_seed(0)
+    alone = run([[0], [1], [2]])
+    torch.manual_seed(0)
+    together = run([[0, 1, 2]])  # one call, rows padded to 16 past + 20 new positions
+    torch.testing.assert_close(torch.cat(alone[0]), together[0][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone[1], together[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone[2], together[2], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,207 @@
+"""The engine's host work per step, with the model taken out.
+
+On the H200 a batch-64 decode step is 1.40 ms of GPU work, yet the server delivered 64
+tokens every ~14 ms (docs/perf/cuda-h200.md): the rest is Python on the host. This
+benchmark runs the real engine (scheduler, page manager, model runner, sampler, stop
+checks, detokenizer) and the CUDA executor's own host code (bucket routing, the pinned
+input buffer) over a stand-in whose "forward pass" costs next to nothing, so what it
+measures is the host time that sits between two GPU steps. It runs on any CPU.
+
+    python benchmarks/engine_host.py build/smollm2-135m-instruct-int8-cpu.arle --out docs/perf/engine-host.json
+    python benchmarks/engine_host.py build/smollm2-135m-instruct-int8-cpu.arle --server --out docs/perf/engine-host-server.json
+
+The bundle only lends its tokenizer and name (detokenizing is part of the host work).
+Each engine point is the best of `--repeats` runs; `--profile` prints where the time
+goes. `--server` starts `arle-runtime serve`'s own app in a subprocess over the same
+stand-in and drives it with benchmarks/serve_load.py's closed-loop streaming client:
+output tok/s there is what the HTTP layer and the engine together can feed per second
+when the GPU costs nothing (on 2 cores the client competes for the CPU; compare runs of
+the same machine only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
+
+from arle_runtime.bundle import load_bundle  # noqa: E402
+from arle_runtime.cuda_executor import _TABLE, CudaGraphExecutor  # noqa: E402
+from arle_runtime.engine import Engine, EngineConfig  # noqa: E402
+from arle_runtime.executor import StepLimits  # noqa: E402
+from arle_runtime.sampler import SamplingParams  # noqa: E402
+
+
+class HostOnlyExecutor(CudaGraphExecutor):
+    """The CUDA executor's host side with the programs replaced by a next-token rule
+    (token * 31 + position) % vocab, so every sequence emits a varied, reproducible
+    stream of real token ids. The KV layout is tiny: pool writes cost ~nothing. The
+    logits span only the first `vocab` ids (4096 real tokens of the tokenizer): on a GPU
+    the argmax over 150k columns is a 10 us kernel, on this CPU it would be most of the
+    step, and it is not the host work this measures."""
+
+    def __init__(self, vocab: int = 4096, max_batch: int = 64, max_prefill: int = 512, max_context: int = 4096):
+        self.limits = StepLimits(max_batch, max_prefill, max_context)
+        self.kv_dtype = self.compute_dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.config = None
+        self._cache_dims = (1, 1, 8)
+        self.vocab = vocab
+        self.decode_buckets = [1, 2, 4] + list(range(8, max_batch + 1, 8))
+        self.page_size = 16
+        self.table_width = -(-max_context // self.page_size)
+        self._host = torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long)
+        self._host_np = self._host.numpy()
+        self.route, self.use_graphs, self.model_s = {}, False, 0.0
+        self._graphs = {}
+
+    def empty_state(self, batch: int):
+        return ()
+
+    def bind_kv_pool(self, k_pool, v_pool, scratch_slot):
+        self._k_pool, self._v_pool, self._scratch = k_pool, v_pool, scratch_slot
+        self._graphs = {b: (None, torch.zeros(b, _TABLE + self.table_width, dtype=torch.long), None)
+                        for b in self.decode_buckets}
+
+    def _next_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        nxt = (tokens * 31 + positions) % self.vocab
+        logits = torch.nn.functional.one_hot(nxt, self.vocab).float()
+        self.model_s += time.perf_counter() - started
+        return logits
+
+    def _paged_step(self, inputs):
+        return self._next_logits(inputs[:, 0], inputs[:, 1])
+
+    def prefill(self, tokens, positions, past_k, past_v, past_lens, last_index, *state):
+        rows = torch.arange(tokens.shape[0])
+        logits = self._next_logits(tokens[rows, last_index], positions[rows, last_index])
+        new = torch.zeros(1, tokens.shape[0], 1, tokens.shape[1], 8)
+        return logits, new, new.clone()
+
+
+def run_once(tokenizer, batch: int, prompt_len: int, new_tokens: int, profile: bool = False) -> dict:
+    executor = HostOnlyExecutor()
+    engine = Engine(executor, tokenizer, (), EngineConfig(max_batch=64, kv_pages=batch * (prompt_len + new_tokens) // 16 + 64))
+    rng = random.Random(batch)
+    prompts = [[rng.randrange(200, 49000) for _ in range(prompt_len)] for _ in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for rid, prompt in enumerate(prompts):
+        engine.add_request(prompt, params, request_id=rid)
+    while any(s.num_computed == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # the prefills; what follows are decode steps only
+    executor.model_s = 0.0
+    steps, tokens = 0, 0
+    profiler = cProfile.Profile() if profile else None
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    while engine.has_work:
+        tokens += sum(out.token is not None for out in engine.step())
+        steps += 1
+    if profiler:
+        profiler.disable()
+    wall = time.perf_counter() - started
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(35)
+    host_ms = (wall - executor.model_s) / steps * 1000
+    return {"batch": batch, "decode_steps": steps, "tokens": tokens,
+            "host_ms_per_step": round(host_ms, 3), "host_us_per_token": round(host_ms * 1000 / batch, 1),
+            "stand_in_ms_per_step": round(executor.model_s / steps * 1000, 3)}
+
+
+def serve_stand_in(bundle_path: Path, port: int) -> None:
+    """The server subprocess: `arle-runtime serve`'s app over the stand-in executor."""
+    from arle_runtime.server import serve
+    from arle_runtime.session import Session
+
+    torch.set_num_threads(1)
+    bundle = load_bundle(bundle_path, verify=False)
+    executor = HostOnlyExecutor()
+    session = Session(bundle, executor, None, EngineConfig(max_batch=64, kv_pages=64 * 4096 // 16))
+    serve(session, port=port, log_level="warning")
+
+
+def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int) -> list[dict]:
+    import asyncio
+    import os
+
+    import httpx
+    from serve_load import Server, free_port, prompt_texts, run_level, summarize
+
+    port = free_port()
+    command = [sys.executable, __file__, str(bundle_path), "--serve-port", str(port)]
+    server = Server("arle", command, port, dict(os.environ), Path("/tmp/arle-engine-host-serve.log"))
+    tokenizer = load_bundle(bundle_path, verify=False).tokenizer
+    points = []
+
+    async def go():
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=512)) as client:
+            await server.wait_ready(client)
+            for c in levels:
+                prompts = prompt_texts(tokenizer, 4 * c, prompt_tokens)
+                await run_level(client, server, prompts[:c], c, 8, None)  # warm-up burst
+                records, wall = await run_level(client, server, prompts, c, new_tokens, None)
+                s = summarize(records, wall, c)
+                points.append({"concurrency": c, "output_tok_s": round(s["output_tok_s"], 1),
+                               "itl_ms_p50": round(s["itl_ms"]["p50"], 3), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 2),
+                               "errors": s["errors"], "requests": s["requests"]})
+                print(f"server c{c}: {points[-1]}")
+
+    server.start()
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path, help="any bundle; only its tokenizer is used")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the batch-64 run")
+    parser.add_argument("--server", action="store_true", help="also measure through the HTTP server")
+    parser.add_argument("--levels", default="16,64", help="server concurrency levels")
+    parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the server subprocess
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.serve_port:
+        return serve_stand_in(args.bundle, args.serve_port)
+    torch.set_num_threads(1)
+    tokenizer = load_bundle(args.bundle, verify=False).tokenizer
+    points = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        runs = [run_once(tokenizer, batch, args.prompt_tokens, args.new_tokens) for _ in range(args.repeats)]
+        best = min(runs, key=lambda r: r["host_ms_per_step"])
+        best["host_ms_per_step_runs"] = [r["host_ms_per_step"] for r in runs]
+        points.append(best)
+        print(f"batch {batch:3d}: host {best['host_ms_per_step']:.3f} ms/step "
+              f"({best['host_us_per_token']:.1f} us/token), stand-in {best['stand_in_ms_per_step']:.3f} ms/step")
+    if args.profile:
+        run_once(tokenizer, 64, args.prompt_tokens, args.new_tokens, profile=True)
+    server = []
+    if args.server:
+        server = server_points(args.bundle, [int(c) for c in args.levels.split(",")], args.prompt_tokens, args.new_tokens)
+    if args.out:
+        result = {"machine": cpu_name(), "torch": torch.__version__, "threads": 1,
+                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                  "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
