@@ -58,8 +58,9 @@ class Completion(GenerationResult):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs ~1 us more per token to build
 class RequestOutput:
-    """What one request did in one step (read-only by convention). `token` is None when the step ended it without
-    a new token (a stop token, an abort, an error); `text` is the new, safe-to-show text."""
+    """What one request did in one step (read-only by convention). `token` is None when
+    the step ended it without a new token (a stop token, an abort, an error); `text` is
+    the new, safe-to-show text."""
 
     request_id: int
     token: int | None
