@@ -10,6 +10,9 @@ compiles Triton kernels for that card; the .pt2 holds the cubins):
   templates/paged_decode_attention.py.j2 for this model's head dim, GQA ratio, page size
   and KV dtype (torch.library.triton_op, so AOTInductor compiles it into the package).
   Its batch dimension is dynamic; the runtime captures one CUDA graph per decode bucket.
+  Its projections run the skinny matmul of templates/skinny_matmul.py.j2 where timing on
+  this GPU at build (decode_tuning.py) found it faster than cuBLAS, and the attention
+  kernel splits each sequence's past over as many programs as that timing chose.
 
 Weights stay outside the packages (the runtime loads the bundle's safetensors onto the GPU
 and hands them to the programs), so a load compiles nothing.
@@ -17,6 +20,8 @@ and hands them to the programs), so a load compiles nothing.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import platform
 import warnings
 from pathlib import Path
@@ -31,10 +36,12 @@ from arle_runtime.errors import ArleError
 from .base import Lowered, ShapePlan
 from .cpu import export_step, program_ranges
 from .kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
+from .decode_tuning import projection_shapes, render_skinny, swap_in, swap_out, tune, tune_attention_splits
 
 SUPPORTED_QUANTS = ("bf16", "fp16", "fp8", "int4")
 PAGE_SIZE = 16
 MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far past any card
+TUNE_ENV = "ARLEC_TUNE_DECODE"  # "0": no build-time tuning: cuBLAS projections, unsplit attention (A/B runs)
 
 
 def require_gpu() -> torch.device:
@@ -120,9 +127,28 @@ class CudaTarget:
             head_dim=cfg.head_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             page_size=PAGE_SIZE, kv_dtype=str(pool_dtype(model, plan)).removeprefix("torch."),
         )
+        tuned = os.environ.get(TUNE_ENV, "1") != "0"
+        batches = tuple(sorted({1, plan.max_batch}))
+        attention_tuning = None
+        if tuned:
+            progress("tune decode kernels on this GPU")
+            splits, attention_tuning = tune_attention_splits(
+                spec, batches, plan.max_context, cfg.num_layers, model.compute_dtype, pool_dtype(model, plan), device,
+                out_dir / "kernels",
+            )
+            spec = dataclasses.replace(spec, splits=splits)
         kernel_path = out_dir / "kernels" / "paged_decode_attention.py"
         kernel_path.write_text(render_paged_decode(spec))
         kernel = load_kernel_module(kernel_path)
+        files = [kernel_path]
+        skinny_path = out_dir / "kernels" / "skinny_matmul.py"
+        shapes = projection_shapes(model) if tuned else []
+        tuning = tune(shapes, batches, model.compute_dtype, device, out_dir / "kernels") if shapes else None
+        skinny = None
+        if tuning and tuning.configs:
+            skinny_path.write_text(render_skinny(sorted(tuning.configs.items())))
+            files.append(skinny_path)
+            skinny = load_kernel_module(skinny_path).skinny_linear
 
         progress("export + compile prefill (AOTInductor)")
         model.use_split_attention(False)
@@ -130,10 +156,12 @@ class CudaTarget:
         progress("export + compile paged decode (AOTInductor)")
         saved = model.paged_attention
         model.paged_attention = kernel.paged_decode_attention
+        swapped = swap_in(model, tuning.configs, skinny) if skinny else []  # prefill keeps cuBLAS: many rows
         try:
             compile_package(export_paged_decode(model, plan, device), out_dir / "cuda" / "decode_paged.pt2")
         finally:
             model.paged_attention = saved
+            swap_out(swapped)
 
         programs = {
             "prefill": {"path": "cuda/prefill.pt2", "format": "aoti", **program_ranges(plan, True)},
@@ -144,8 +172,11 @@ class CudaTarget:
                 "constant_prefix": "model.",  # exported through PagedDecodeStep, which holds the model as .model
                 "page_size": PAGE_SIZE,
                 "page_table_width": page_table_width(plan.max_context),
-                "kernels": ["kernels/paged_decode_attention.py"],
+                "kernels": [str(f.relative_to(out_dir)) for f in files],
                 "kernel_spec": spec.variables(),
+                # per projection shape: cuBLAS or the generated kernel, with the build GPU's timings
+                "projection_matmuls": tuning.report if tuning else {},
+                "attention_splits": attention_tuning,
             },
         }
         props = torch.cuda.get_device_properties(device)
@@ -160,5 +191,5 @@ class CudaTarget:
             "machine": platform.machine(),
             "system": platform.system().lower(),
         }
-        files = [out_dir / "cuda" / "prefill.pt2", out_dir / "cuda" / "decode_paged.pt2", kernel_path]
+        files += [out_dir / "cuda" / "prefill.pt2", out_dir / "cuda" / "decode_paged.pt2"]
         return Lowered(executor="aoti-cuda", programs=programs, requirements=requirements, files=files)

@@ -33,6 +33,7 @@ class PagedDecodeSpec:
     page_size: int
     kv_dtype: str  # "bfloat16", "float16", "float32", "float8_e4m3fn" (converted to q's dtype on load)
     block_n: int = 64
+    splits: int = 1  # programs per (sequence, KV head), each over a share of the past (flash-decoding)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -61,6 +62,7 @@ class PagedDecodeSpec:
             "page_size": self.page_size,
             "kv_dtype": self.kv_dtype,
             "block_n": self.block_n,
+            "splits": self.splits,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
             "scale": repr(self.head_dim**-0.5),

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, default_sigint, run_cli
 
 
 # ---------------------------------------------------------------- arlec build
@@ -50,7 +50,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, tiny_hf_model):
     out = tmp_path / "interrupted.arle"
     exe = Path(sys.executable).parent / "arlec"
     proc = subprocess.Popen([str(exe), "build", "--model", str(tiny_hf_model), "--quant", "fp32", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     # Wait until the build is writing inside its temp folder, then interrupt it.
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".interrupted.arle.partial-*/weights")):

@@ -90,15 +90,52 @@ def test_the_runtime_finds_the_system_libstdcxx_and_reexecs_once():
     assert out.stdout.split() == [lib]  # preloaded, and only once
 
 
+PAGED_INTERPRETED = textwrap.dedent("""
+    import pathlib, tempfile, torch
+    from arle_models.layers import paged_decode_reference
+    from arle_targets.kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
+    for head_dim, heads, kv_heads, splits in ((64, 9, 3, 1), (32, 4, 4, 1), (64, 9, 3, 4), (32, 4, 2, 3)):
+        spec = PagedDecodeSpec(head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads, page_size=16,
+                               kv_dtype="float16", splits=splits)
+        path = pathlib.Path(tempfile.mkdtemp()) / "k.py"
+        path.write_text(render_paged_decode(spec))
+        kernel = load_kernel_module(path).paged_decode_attention
+        g = torch.Generator().manual_seed(head_dim)
+        B, pages = 3, 6
+        past_lens = torch.tensor([0, 17, 90], dtype=torch.int32)  # 90: 2 blocks, so splits 3 and 4 leave some empty
+        table = torch.randperm(B * pages, generator=g).view(B, pages).to(torch.int32)
+        pool_k = torch.randn(B * pages * 16 + 2, kv_heads, head_dim, generator=g).half()
+        pool_v = torch.randn(pool_k.shape, generator=g).half()
+        q = torch.randn(B, heads, head_dim, generator=g).half()
+        k, v = (torch.randn(B, kv_heads, head_dim, generator=g).half() for _ in range(2))
+        got = kernel(q, k, v, pool_k, pool_v, table, past_lens)
+        assert got.dtype == q.dtype and got.shape == q.shape
+        got = got.float()
+        want = paged_decode_reference(q.float(), k.float(), v.float(), pool_k.float(), pool_v.float(), table, past_lens)
+        err = ((got - want).norm() / want.norm()).item()
+        assert got.dtype == torch.float32 and err < 2e-3, (head_dim, heads, kv_heads, splits, err)
+    print("ok")
+""")
+
+
+def test_paged_decode_kernel_matches_the_torch_reference_in_tritons_interpreter():
+    """The generated kernel's logic on the CPU (fp16: Triton's interpreter has no bf16)."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-c", PAGED_INTERPRETED], capture_output=True, text=True, cwd=REPO,
+                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 # --- on a GPU -----------------------------------------------------------------------------
 
 
 @needs_gpu
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 16, 8), (64, 8, 8), (128, 32, 4)])
-def test_paged_decode_kernel_matches_the_torch_reference(tmp_path, head_dim, heads, kv_heads):
+def test_paged_decode_kernel_matches_the_torch_reference(tmp_path, head_dim, heads, kv_heads, splits):
     from arle_models.layers import paged_decode_reference
 
-    s = spec(head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads)
+    s = spec(head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads, splits=splits)
     path = tmp_path / "k.py"
     path.write_text(render_paged_decode(s))
     kernel = load_kernel_module(path).paged_decode_attention

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, default_sigint
 
 pexpect = pytest.importorskip("pexpect")
 PROMPT = ">>> "
@@ -62,7 +62,7 @@ class ScriptedOpenAI(BaseHTTPRequestHandler):
 def spawn_agent(*args, home):
     env = {**os.environ, "HOME": str(home), "TERM": "dumb", "ARLE_THREADS": os.environ.get("ARLE_THREADS", "1")}
     child = pexpect.spawn(ARLE, ["agent", *args], env=env, cwd=str(REPO), encoding="utf-8", timeout=60,
-                          dimensions=(50, 250))
+                          dimensions=(50, 250), preexec_fn=default_sigint)
     child.expect_exact(PROMPT)
     return child
 

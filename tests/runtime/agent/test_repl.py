@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import REPO, assert_clean_error, default_sigint, run_cli
 
 pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.slow
@@ -28,7 +28,8 @@ def repl(default_bundle, home):
     env = {**os.environ, "HOME": str(home), "TERM": "dumb", "ARLE_THREADS": os.environ.get("ARLE_THREADS", "1")}
     child = pexpect.spawn(str(Path(sys.executable).parent / "arle-runtime"),
                           ["agent", str(default_bundle), "--no-verify", "--max-tokens", "200"],
-                          env=env, cwd=str(REPO), encoding="utf-8", timeout=90, dimensions=(50, 250))
+                          env=env, cwd=str(REPO), encoding="utf-8", timeout=90, dimensions=(50, 250),
+                          preexec_fn=default_sigint)
     child.expect("tools: [^\r\n]*\r\n")
     child.banner = child.before + child.after
     child.expect_exact(PROMPT)
