@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -127,7 +128,7 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
     from serve_load import Server, free_port, run_level, summarize
 
     port = free_port()
-    exe = Path(sys.executable).with_name("arle-runtime")
+    exe = shutil.which("arle-runtime") or Path(sys.executable).with_name("arle-runtime")  # PATH first: benchmarks/gpu_env.sh
     server = Server("arle", [str(exe), "serve", str(bundle), "--port", str(port), "--max-batch", "64", "--no-verify"],
                     port, dict(os.environ), Path("/tmp/arle-serve.log"))
     out = {}

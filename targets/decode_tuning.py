@@ -114,7 +114,7 @@ def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, kernel_di
             cublas[m] = _time_us(lambda: [F.linear(x, w) for w in weights], copies)
             for config in candidate_configs(n, k, max(batches)):
                 kernel.setdefault(config, {})[m] = _time_us(
-                    lambda: [module.partial_products(x, w, config).sum(0).to(dtype) for w in weights], copies
+                    lambda: [module.partial_products(x, w, config, traced=False).sum(0).to(dtype) for w in weights], copies
                 )
         config = choose(cublas, kernel)
         best = config or min(kernel, key=lambda c: sum(kernel[c].values()), default=None)

@@ -19,6 +19,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def require_triton_interpreter() -> None:
+    """Skip unless Triton's CPU interpreter can run here: Triton installed, and numpy older
+    than 2.3 (Triton 3.6's interpreter calls int() on one-element arrays, which 2.3 refuses)."""
+    pytest.importorskip("triton")
+    import numpy
+
+    if tuple(int(p) for p in numpy.__version__.split(".")[:2]) >= (2, 3):
+        pytest.skip(f"Triton's interpreter breaks on numpy {numpy.__version__} (the test extras pin numpy<2.3)")
+
+
 def default_sigint() -> None:
     """preexec_fn for children that tests interrupt: a test run launched in the background
     of a non-interactive shell inherits SIGINT ignored, and so would every child."""

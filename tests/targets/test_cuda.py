@@ -16,7 +16,7 @@ import torch
 
 from arle_runtime.errors import ArleError
 from arle_targets.kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
-from conftest import REPO, assert_clean_error, build_bundle, run_cli
+from conftest import REPO, assert_clean_error, build_bundle, require_triton_interpreter, run_cli
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -120,7 +120,7 @@ PAGED_INTERPRETED = textwrap.dedent("""
 
 def test_paged_decode_kernel_matches_the_torch_reference_in_tritons_interpreter():
     """The generated kernel's logic on the CPU (fp16: Triton's interpreter has no bf16)."""
-    pytest.importorskip("triton")
+    require_triton_interpreter()
     proc = subprocess.run([sys.executable, "-c", PAGED_INTERPRETED], capture_output=True, text=True, cwd=REPO,
                           env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -17,7 +17,7 @@ from torch import nn
 from arle_targets.decode_tuning import (
     SkinnyLinear, block_ms, candidate_configs, choose, projection_shapes, render_skinny, swap_in, swap_out,
 )
-from conftest import REPO
+from conftest import REPO, require_triton_interpreter
 
 CONFIG = (16, 64, 128, 2, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages
 
@@ -104,7 +104,7 @@ INTERPRETED = textwrap.dedent("""
 
 
 def test_kernel_equals_a_float64_matmul_in_tritons_interpreter():
-    pytest.importorskip("triton")
+    require_triton_interpreter()
     env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=300)
