@@ -50,7 +50,9 @@ class HostOnlyExecutor(CudaGraphExecutor):
     the argmax over 150k columns is a 10 us kernel, on this CPU it would be most of the
     step, and it is not the host work this measures."""
 
-    def __init__(self, vocab: int = 4096, max_batch: int = 64, max_prefill: int = 512, max_context: int = 4096):
+    def __init__(self, vocab: int = 4096, max_batch: int = 64, max_prefill: int = 512, max_context: int = 4096,
+                 gpu_ms: float = 0.0):
+        self.gpu_s = gpu_ms / 1000  # a sleep per decode step, standing for the wait on the GPU (GIL released)
         self.limits = StepLimits(max_batch, max_prefill, max_context)
         self.kv_dtype = self.compute_dtype = torch.float32
         self.device = torch.device("cpu")
@@ -81,6 +83,8 @@ class HostOnlyExecutor(CudaGraphExecutor):
         return logits
 
     def _paged_step(self, inputs):
+        if self.gpu_s:
+            time.sleep(self.gpu_s)
         return self._next_logits(inputs[:, 0], inputs[:, 1])
 
     def prefill(self, tokens, positions, past_k, past_v, past_lens, last_index, *state):
@@ -120,19 +124,19 @@ def run_once(tokenizer, batch: int, prompt_len: int, new_tokens: int, profile: b
             "stand_in_ms_per_step": round(executor.model_s / steps * 1000, 3)}
 
 
-def serve_stand_in(bundle_path: Path, port: int) -> None:
+def serve_stand_in(bundle_path: Path, port: int, gpu_ms: float) -> None:
     """The server subprocess: `arle-runtime serve`'s app over the stand-in executor."""
     from arle_runtime.server import serve
     from arle_runtime.session import Session
 
     torch.set_num_threads(1)
     bundle = load_bundle(bundle_path, verify=False)
-    executor = HostOnlyExecutor()
+    executor = HostOnlyExecutor(gpu_ms=gpu_ms)
     session = Session(bundle, executor, None, EngineConfig(max_batch=64, kv_pages=64 * 4096 // 16))
     serve(session, port=port, log_level="warning")
 
 
-def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int) -> list[dict]:
+def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int, gpu_ms: float) -> list[dict]:
     import asyncio
     import os
 
@@ -140,7 +144,7 @@ def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_
     from serve_load import Server, free_port, prompt_texts, run_level, summarize
 
     port = free_port()
-    command = [sys.executable, __file__, str(bundle_path), "--serve-port", str(port)]
+    command = [sys.executable, __file__, str(bundle_path), "--serve-port", str(port), "--gpu-ms", str(gpu_ms)]
     server = Server("arle", command, port, dict(os.environ), Path("/tmp/arle-engine-host-serve.log"))
     tokenizer = load_bundle(bundle_path, verify=False).tokenizer
     points = []
@@ -176,11 +180,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the batch-64 run")
     parser.add_argument("--server", action="store_true", help="also measure through the HTTP server")
     parser.add_argument("--levels", default="16,64", help="server concurrency levels")
+    parser.add_argument("--gpu-ms", type=float, default=0.0,
+                        help="server: sleep this long per decode step, as a wait on the GPU would (GIL released)")
     parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.serve_port:
-        return serve_stand_in(args.bundle, args.serve_port)
+        return serve_stand_in(args.bundle, args.serve_port, args.gpu_ms)
     torch.set_num_threads(1)
     tokenizer = load_bundle(args.bundle, verify=False).tokenizer
     points = []
@@ -195,11 +201,12 @@ def main() -> None:
         run_once(tokenizer, 64, args.prompt_tokens, args.new_tokens, profile=True)
     server = []
     if args.server:
-        server = server_points(args.bundle, [int(c) for c in args.levels.split(",")], args.prompt_tokens, args.new_tokens)
+        server = server_points(args.bundle, [int(c) for c in args.levels.split(",")], args.prompt_tokens, args.new_tokens,
+                               args.gpu_ms)
     if args.out:
         result = {"machine": cpu_name(), "torch": torch.__version__, "threads": 1,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                  "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
+                  "gpu_ms": args.gpu_ms, "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

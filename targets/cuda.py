@@ -10,9 +10,10 @@ compiles Triton kernels for that card; the .pt2 holds the cubins):
   templates/paged_decode_attention.py.j2 for this model's head dim, GQA ratio, page size
   and KV dtype (torch.library.triton_op, so AOTInductor compiles it into the package).
   Its batch dimension is dynamic; the runtime captures one CUDA graph per decode bucket.
-  Its projections run the skinny matmul of templates/skinny_matmul.py.j2 where timing on
-  this GPU at build (decode_tuning.py) found it faster than cuBLAS, and the attention
-  kernel splits each sequence's past over as many programs as that timing chose.
+  With ARLEC_TUNE_DECODE=1, its projections run the skinny matmul of
+  templates/skinny_matmul.py.j2 where timing on this GPU at build (decode_tuning.py) found
+  it faster than cuBLAS, and the attention kernel splits each sequence's past over as
+  many programs as that timing chose.
 
 Weights stay outside the packages (the runtime loads the bundle's safetensors onto the GPU
 and hands them to the programs), so a load compiles nothing.
@@ -41,7 +42,12 @@ from .decode_tuning import projection_shapes, render_skinny, swap_in, swap_out, 
 SUPPORTED_QUANTS = ("bf16", "fp16", "fp8", "int4")
 PAGE_SIZE = 16
 MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far past any card
-TUNE_ENV = "ARLEC_TUNE_DECODE"  # "0": no build-time tuning: cuBLAS projections, unsplit attention (A/B runs)
+# "1": time the generated decode variants on this GPU at build and keep the faster ones
+# ("force": keep the generated variants even where slower, to test that path).
+# Off by default: on the one GPU measured (H100, docs/perf/cuda-decode-tuning-h100.json)
+# cuBLAS and the unsplit attention kernel won every comparison, and the tuned variants
+# have not been compiled into a full program there yet.
+TUNE_ENV = "ARLEC_TUNE_DECODE"
 
 
 def require_gpu() -> torch.device:
@@ -127,14 +133,14 @@ class CudaTarget:
             head_dim=cfg.head_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             page_size=PAGE_SIZE, kv_dtype=str(pool_dtype(model, plan)).removeprefix("torch."),
         )
-        tuned = os.environ.get(TUNE_ENV, "1") != "0"
+        mode = os.environ.get(TUNE_ENV, "0")
+        tuned, force = mode in ("1", "force"), mode == "force"
         batches = tuple(sorted({1, plan.max_batch}))
         attention_tuning = None
         if tuned:
             progress("tune decode kernels on this GPU")
             splits, attention_tuning = tune_attention_splits(
-                spec, batches, plan.max_context, cfg.num_layers, model.compute_dtype, pool_dtype(model, plan), device,
-                out_dir / "kernels",
+                spec, batches, plan.max_context, cfg.num_layers, model.compute_dtype, pool_dtype(model, plan), device, force
             )
             spec = dataclasses.replace(spec, splits=splits)
         kernel_path = out_dir / "kernels" / "paged_decode_attention.py"
@@ -143,7 +149,7 @@ class CudaTarget:
         files = [kernel_path]
         skinny_path = out_dir / "kernels" / "skinny_matmul.py"
         shapes = projection_shapes(model) if tuned else []
-        tuning = tune(shapes, batches, model.compute_dtype, device, out_dir / "kernels") if shapes else None
+        tuning = tune(shapes, batches, model.compute_dtype, device, force) if shapes else None
         skinny = None
         if tuning and tuning.configs:
             skinny_path.write_text(render_skinny(sorted(tuning.configs.items())))

@@ -13,9 +13,12 @@ the kernel files that AOTInductor compiles into the decode program.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +56,13 @@ def candidate_configs(n: int, k: int, max_batch: int) -> list[tuple[int, int, in
     return configs
 
 
-def choose(cublas_us: dict[int, float], kernel_us: dict[tuple, dict[int, float]]) -> tuple | None:
-    """The config with the least total time over the timed batch sizes, if it beats cuBLAS's total."""
+def choose(cublas_us: dict[int, float], kernel_us: dict[tuple, dict[int, float]], force: bool = False) -> tuple | None:
+    """The config with the least total time over the timed batch sizes, if it beats cuBLAS's
+    total (or regardless, with `force`: for tests of the kernel path)."""
     if not kernel_us:
         return None
     best = min(kernel_us, key=lambda c: sum(kernel_us[c].values()))
-    return best if sum(kernel_us[best].values()) < sum(cublas_us.values()) else None
+    return best if force or sum(kernel_us[best].values()) < sum(cublas_us.values()) else None
 
 
 def projection_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -69,6 +73,15 @@ def projection_shapes(model: nn.Module) -> list[tuple[int, int]]:
         if type(m) is nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16)
     }
     return sorted(shapes)
+
+
+def _probe_dir() -> Path:
+    """Where candidate kernels are written while tuning: outside the bundle, and kept until
+    the process exits, because Inductor reads a kernel's source from its file when it
+    compiles the program (and a probe can be the very module the program ends up using)."""
+    path = Path(tempfile.mkdtemp(prefix="arle-tune-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _time_us(fn, calls: int, replays: int = 8, repeats: int = 5) -> float:
@@ -98,9 +111,11 @@ class Tuning:
     report: dict  # for the manifest: per shape, cuBLAS and best-kernel microseconds per batch size
 
 
-def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, kernel_dir: Path) -> Tuning:
+def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, force: bool = False) -> Tuning:
     """Time every candidate for every shape on this GPU and keep what wins."""
-    probe = kernel_dir / "skinny_decode_tuning.py"
+    from triton.runtime.errors import OutOfResources
+
+    probe = _probe_dir() / "skinny_matmul_tuning.py"
     probe.write_text(render_skinny([]))
     module = load_kernel_module(probe)
     chosen, report = {}, {}
@@ -108,15 +123,22 @@ def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, kernel_di
     for n, k in shapes:
         copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k * dtype.itemsize)))
         weights = [torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k) for _ in range(copies)]
-        cublas, kernel = {}, {}
+        cublas, kernel, unfit = {}, {}, set()
         for m in batches:
             x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
             cublas[m] = _time_us(lambda: [F.linear(x, w) for w in weights], copies)
             for config in candidate_configs(n, k, max(batches)):
-                kernel.setdefault(config, {})[m] = _time_us(
-                    lambda: [module.partial_products(x, w, config, traced=False).sum(0).to(dtype) for w in weights], copies
-                )
-        config = choose(cublas, kernel)
+                if config in unfit:
+                    continue
+                try:
+                    kernel.setdefault(config, {})[m] = _time_us(
+                        lambda: [module.skinny_matmul(x, w, config, traced=False) for w in weights],
+                        copies,
+                    )
+                except OutOfResources:  # tiles too large for this GPU's shared memory
+                    unfit.add(config)
+                    kernel.pop(config, None)
+        config = choose(cublas, kernel, force)
         best = config or min(kernel, key=lambda c: sum(kernel[c].values()), default=None)
         report[f"{n}x{k}"] = {
             "choice": "kernel" if config else "cublas",
@@ -126,7 +148,6 @@ def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, kernel_di
         }
         if config:
             chosen[(n, k)] = config
-    probe.unlink()
     return Tuning(chosen, report)
 
 
@@ -171,13 +192,15 @@ def swap_out(swapped) -> None:
 
 
 def tune_attention_splits(spec: PagedDecodeSpec, batches: tuple[int, ...], max_context: int, layers: int,
-                          dtype: torch.dtype, pool_dtype: torch.dtype, device, kernel_dir: Path) -> tuple[int, dict]:
+                          dtype: torch.dtype, pool_dtype: torch.dtype, device, force: bool = False) -> tuple[int, dict]:
     """Split count with the least total time over `batches`, each sequence holding half the
-    context (at most 1024 positions), every layer's pool distinct as in a real step."""
+    context (at most 1024 positions), every layer's pool distinct as in a real step (with
+    `force`, the fastest split count above one: for tests of the split path)."""
     past = max(1, min(max_context, 2048) // 2)
     page = spec.page_size
     pages = -(-(past + 1) // page)
     gen = torch.Generator(device=device).manual_seed(0)
+    probes = _probe_dir()
     timings: dict[int, dict[int, float]] = {}
     for batch in batches:
         slots = batch * pages * page + 2
@@ -192,14 +215,13 @@ def tune_attention_splits(spec: PagedDecodeSpec, batches: tuple[int, ...], max_c
         k_new, v_new = (torch.randn(batch, spec.num_kv_heads, spec.head_dim, device=device, dtype=dtype, generator=gen)
                         for _ in range(2))
         for splits in ATTENTION_SPLITS:
-            probe = kernel_dir / f"paged_tuning_{splits}.py"
+            probe = probes / f"paged_decode_splits{splits}.py"
             probe.write_text(render_paged_decode(dataclasses.replace(spec, splits=splits)))
             kernel = load_kernel_module(probe).paged_decode_attention
-            probe.unlink()
             timings.setdefault(splits, {})[batch] = _time_us(
                 lambda: [kernel(q, k_new, v_new, k_pool[i], v_pool[i], table, lens) for i in range(copies)], copies
             )
-    best = min(timings, key=lambda s: sum(timings[s].values()))
+    best = min((s for s in timings if s > 1 or not force), key=lambda s: sum(timings[s].values()))
     report = {"context": past, "chosen": best,
               "us": {str(s): {str(b): round(t, 2) for b, t in per.items()} for s, per in timings.items()}}
     return best, report

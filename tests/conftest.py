@@ -38,6 +38,8 @@ def default_sigint() -> None:
 def run_cli(*args: str, stdin: str | None = None, timeout: float = 900, env: dict | None = None):
     """Run a console script in a subprocess (as a user would) and return CompletedProcess."""
     exe = Path(sys.executable).parent / args[0]
+    if not exe.exists():  # not pip-installed: the GPU machine's benchmarks/gpu_env.sh puts them on PATH
+        exe = Path(shutil.which(args[0]) or exe)
     return subprocess.run(
         [str(exe), *args[1:]],
         input=stdin,

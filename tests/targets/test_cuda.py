@@ -225,6 +225,33 @@ def test_greedy_tokens_equal_transformers_on_the_same_bf16_weights(cuda_bundle, 
 
 
 @needs_gpu
+def test_tuned_decode_kernels_compile_into_the_program_and_keep_greedy_tokens(bundle_dir):
+    """ARLEC_TUNE_DECODE=force takes the generated skinny matmul for every projection and a
+    split attention kernel, so this checks those paths end to end (AOTInductor, graphs)."""
+    from transformers import AutoModelForCausalLM
+
+    out = bundle_dir / "tiny-tuned-cuda.arle"
+    proc = run_cli("arlec", "build", "--model", str(tiny_checkpoint(bundle_dir)), "--target", "cuda", "--quant", "bf16",
+                   "--max-batch", "16", "--max-context", "512", "--out", str(out), "--force",
+                   env={**os.environ, "ARLEC_TUNE_DECODE": "force"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    decode = json.loads((out / "manifest.json").read_text())["programs"]["decode_paged"]
+    assert {m["choice"] for m in decode["projection_matmuls"].values()} == {"kernel"}
+    assert decode["attention_splits"]["chosen"] > 1 and decode["kernel_spec"]["splits"] > 1
+    assert "kernels/skinny_matmul.py" in decode["kernels"]
+    verify = run_cli("arlec", "verify", str(out))
+    assert verify.returncode == 0, verify.stderr + verify.stdout
+    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
+    proc = run_cli("arle-runtime", "run", str(out), "--raw", "--json", "--prompt", prompt, "--max-tokens", "32",
+                   "--temperature", "0", "--no-verify")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(proc.stdout)["token_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(bundle_dir), dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
+    assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
+
+
+@needs_gpu
 def test_cuda_bundle_manifest_names_its_programs_kernels_and_buckets(cuda_bundle):
     manifest = json.loads((cuda_bundle / "manifest.json").read_text())
     assert manifest["target"]["executor"] == "aoti-cuda"
