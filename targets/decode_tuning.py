@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import hashlib
 import math
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import PagedDecodeSpec, load_kernel_module, render, render_paged_decode
+from .kernels import PagedDecodeSpec, load_kernel_module, render_op, render_paged_decode
 
 SKINNY_TEMPLATE = "skinny_matmul.py.j2"
 BLOCK_NS = (32, 64, 128)
@@ -56,12 +55,17 @@ def candidate_configs(n: int, k: int, max_batch: int) -> list[tuple[int, int, in
     return configs
 
 
+def fastest(us: dict) -> object | None:
+    """The key whose timings (batch size -> us) add up to the least, None when there are none."""
+    return min(us, key=lambda key: sum(us[key].values()), default=None)
+
+
 def choose(cublas_us: dict[int, float], kernel_us: dict[tuple, dict[int, float]], force: bool = False) -> tuple | None:
     """The config with the least total time over the timed batch sizes, if it beats cuBLAS's
     total (or regardless, with `force`: for tests of the kernel path)."""
-    if not kernel_us:
+    best = fastest(kernel_us)
+    if best is None:
         return None
-    best = min(kernel_us, key=lambda c: sum(kernel_us[c].values()))
     return best if force or sum(kernel_us[best].values()) < sum(cublas_us.values()) else None
 
 
@@ -124,10 +128,11 @@ def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, force: bo
         copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k * dtype.itemsize)))
         weights = [torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k) for _ in range(copies)]
         cublas, kernel, unfit = {}, {}, set()
+        candidates = candidate_configs(n, k, max(batches))
         for m in batches:
             x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
             cublas[m] = _time_us(lambda: [F.linear(x, w) for w in weights], copies)
-            for config in candidate_configs(n, k, max(batches)):
+            for config in candidates:
                 if config in unfit:
                     continue
                 try:
@@ -138,8 +143,7 @@ def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, force: bo
                 except OutOfResources:  # tiles too large for this GPU's shared memory
                     unfit.add(config)
                     kernel.pop(config, None)
-        config = choose(cublas, kernel, force)
-        best = config or min(kernel, key=lambda c: sum(kernel[c].values()), default=None)
+        config, best = choose(cublas, kernel, force), fastest(kernel)
         report[f"{n}x{k}"] = {
             "choice": "kernel" if config else "cublas",
             "config": list(best) if best else None,
@@ -152,11 +156,9 @@ def tune(shapes, batches: tuple[int, ...], dtype: torch.dtype, device, force: bo
 
 
 def render_skinny(configs) -> str:
-    """Kernel source with these (shape, config) pairs; the op name hashes the source."""
+    """Kernel source with these (shape, config) pairs."""
     items = [(repr(tuple(shape)), repr(tuple(config))) for shape, config in configs]
-    draft = render(SKINNY_TEMPLATE, {"configs": items, "op_name": "skinny_linear"})
-    digest = hashlib.sha256(draft.encode()).hexdigest()[:12]
-    return render(SKINNY_TEMPLATE, {"configs": items, "op_name": f"skinny_linear_{digest}"})
+    return render_op(SKINNY_TEMPLATE, {"configs": items}, "skinny_linear")
 
 
 class SkinnyLinear(nn.Module):
@@ -201,6 +203,11 @@ def tune_attention_splits(spec: PagedDecodeSpec, batches: tuple[int, ...], max_c
     pages = -(-(past + 1) // page)
     gen = torch.Generator(device=device).manual_seed(0)
     probes = _probe_dir()
+    kernels = {}
+    for splits in ATTENTION_SPLITS:
+        probe = probes / f"paged_decode_splits{splits}.py"
+        probe.write_text(render_paged_decode(dataclasses.replace(spec, splits=splits)))
+        kernels[splits] = load_kernel_module(probe).paged_decode_attention
     timings: dict[int, dict[int, float]] = {}
     for batch in batches:
         slots = batch * pages * page + 2
@@ -214,14 +221,11 @@ def tune_attention_splits(spec: PagedDecodeSpec, batches: tuple[int, ...], max_c
         q = torch.randn(batch, spec.num_heads, spec.head_dim, device=device, dtype=dtype, generator=gen)
         k_new, v_new = (torch.randn(batch, spec.num_kv_heads, spec.head_dim, device=device, dtype=dtype, generator=gen)
                         for _ in range(2))
-        for splits in ATTENTION_SPLITS:
-            probe = probes / f"paged_decode_splits{splits}.py"
-            probe.write_text(render_paged_decode(dataclasses.replace(spec, splits=splits)))
-            kernel = load_kernel_module(probe).paged_decode_attention
+        for splits, kernel in kernels.items():
             timings.setdefault(splits, {})[batch] = _time_us(
                 lambda: [kernel(q, k_new, v_new, k_pool[i], v_pool[i], table, lens) for i in range(copies)], copies
             )
-    best = min((s for s in timings if s > 1 or not force), key=lambda s: sum(timings[s].values()))
+    best = fastest({s: t for s, t in timings.items() if s > 1 or not force})
     report = {"context": past, "chosen": best,
               "us": {str(s): {str(b): round(t, 2) for b, t in per.items()} for s, per in timings.items()}}
     return best, report

@@ -79,13 +79,16 @@ def render(name: str, variables: dict) -> str:
     return body
 
 
-def render_paged_decode(spec: PagedDecodeSpec) -> str:
-    """Kernel source for this spec; its op name carries a hash of the source, so two
-    specialisations (or two versions of the template) never collide in one process."""
-    variables = spec.variables()
-    draft = render(PAGED_DECODE_TEMPLATE, {**variables, "op_name": "paged_decode"})
+def render_op(name: str, variables: dict, op_prefix: str) -> str:
+    """Kernel source whose op name carries a hash of the source, so two specialisations
+    (or two versions of the template) never collide in one process."""
+    draft = render(name, {**variables, "op_name": op_prefix})
     digest = hashlib.sha256(draft.encode()).hexdigest()[:12]
-    return render(PAGED_DECODE_TEMPLATE, {**variables, "op_name": f"paged_decode_{digest}"})
+    return render(name, {**variables, "op_name": f"{op_prefix}_{digest}"})
+
+
+def render_paged_decode(spec: PagedDecodeSpec) -> str:
+    return render_op(PAGED_DECODE_TEMPLATE, spec.variables(), "paged_decode")
 
 
 def load_kernel_module(path: Path):
