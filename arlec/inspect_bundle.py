@@ -72,11 +72,18 @@ def verify(path: str, echo=print) -> dict:
     echo(f"logits      {'ok' if err <= tol else 'FAIL'}  (max |compiled - reference| = {err:.2e}, tolerance {tol:g})")
     echo(f"greedy      {'ok' if greedy == expected else 'FAIL'}  ({len(expected)} tokens{'' if greedy == expected else f': {greedy} != {expected}'})")
     paged_ok = True
-    if getattr(executor, "paged", False):  # the paged decode program too, through the engine
-        paged = paged_greedy(executor, bundle, prompt, len(expected))
-        paged_ok = result["paged_greedy_match"] = paged == expected
-        echo(f"paged       {'ok' if paged_ok else 'FAIL'}  (greedy through the engine's paged decode"
-             f"{'' if paged_ok else f': {paged} != {expected}'})")
+    if getattr(executor, "paged", False):  # each paged decode program too, through the engine
+        programs = list(getattr(executor, "decode_programs", ["decode_paged"]))
+        for program in programs:
+            if len(programs) > 1:
+                executor.run_only(program)
+            paged = paged_greedy(executor, bundle, prompt, len(expected))
+            ok = result[f"{program}_greedy_match"] = paged == expected
+            paged_ok = paged_ok and ok
+            echo(f"{program.removeprefix('decode_'):<11} {'ok' if ok else 'FAIL'}  (greedy through the engine's "
+                 f"{program} program{'' if ok else f': {paged} != {expected}'})")
+        if len(programs) > 1:
+            executor.run_only(None)
     if err > tol or greedy != expected or not paged_ok:
         raise ArleError(f"Bundle {root} does not reproduce its reference outputs; rebuild it.")
     return result

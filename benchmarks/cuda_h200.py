@@ -83,8 +83,9 @@ def engine_numbers(bundle: Path) -> dict:
         "greedy_ids": runs[0].token_ids,
         "graph_capture_s": round(session.executor.graph_capture_s, 2),
         "prompt_logits": prompt_logits(session.executor, prompt_ids(0)),
-        "graph_replay_ms_by_bucket": {str(b): round(t, 4) for b, t in sorted(session.executor.replay_ms.items())},
-        "bucket_for_batch_1": session.executor.route.get(1),
+        "graph_replay_ms_by_bucket": {f"{p}/{b}": round(t, 4) for (p, b), t in sorted(session.executor.replay_ms.items())},
+        "route_for_batch_1": "/".join(map(str, session.executor.route.get(1, ()))),
+        "decode_programs": sorted(session.executor.decode_programs),
     }
     if session.executor.use_graphs:
         out.update(graph_replay_ms(session.executor))
@@ -115,8 +116,8 @@ def graph_replay_ms(executor, replays: int = 300) -> dict:
     """GPU time of one decode step per bucket: graph replays queued back to back, so the
     host is never the bottleneck. Against the engine's per-token time this splits GPU
     work from host work (scheduling, input copy, sampling)."""
-    return {f"graph_replay_ms_bs{b}": round(executor.replay_time_ms(b, replays), 4)
-            for b in (1, 16, 64) if executor._graphs.get(b, (None,))[0] is not None}
+    return {f"graph_replay_ms_{p}_bs{b}": round(executor.replay_time_ms(b, replays, p), 4)
+            for (p, b), (graph, _) in sorted(executor._graphs.items()) if b in (1, 8, 16, 64) and graph is not None}
 
 
 def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS) -> dict:
@@ -159,7 +160,7 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
     return out
 
 
-def hf_numbers(ckpt: Path, compile_too: bool) -> dict:
+def hf_numbers(ckpt: Path, compile_too: bool, ours: list[int] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
@@ -177,6 +178,14 @@ def hf_numbers(ckpt: Path, compile_too: bool) -> dict:
     timed()  # warm-up
     tokens, eager_s = timed()
     out = {"hf_greedy_ids": tokens, "hf_eager_bs1_tok_s": round(NEW_TOKENS / eager_s, 1), "hf_logits": hf_logits}
+    if ours and ours != tokens:  # how close transformers' own logits were where the two first differ
+        i = next(i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b)
+        with torch.no_grad():
+            row = model(torch.tensor([prompt_ids(0) + tokens[:i]], device="cuda")).logits[0, -1].float()
+        out["first_difference"] = {"index": i, "transformers_token": tokens[i], "arle_token": ours[i],
+                                   "transformers_logit_of_its_token": round(row[tokens[i]].item(), 4),
+                                   "transformers_logit_of_arle_token": round(row[ours[i]].item(), 4),
+                                   "logit_std": round(row.std().item(), 4)}
     if compile_too:
         eager_forward = model.forward
         kw = {"cache_implementation": "static"}
@@ -262,7 +271,7 @@ def main() -> None:
     if args.server and "server" not in skip:
         phase("server", lambda: server_numbers(bundle))
     if "hf" not in skip:
-        phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile))
+        phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile, result.get("greedy_ids")))
     ours_logits, hf_logits = result.pop("prompt_logits", None), result.pop("hf_logits", None)
     if ours_logits is not None and hf_logits is not None:
         result["prompt_logits_rel_error_vs_transformers"] = round(

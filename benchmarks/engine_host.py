@@ -65,15 +65,17 @@ class HostOnlyExecutor(CudaGraphExecutor):
         self._host = torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long)
         self._host_np = self._host.numpy()
         self.route, self.use_graphs, self.model_s = {}, False, 0.0
-        self._graphs = {}
+        self.decode_programs = {"decode_paged": max_batch}
+        self._forced = None
+        self._graphs, self._inputs = {}, {}
 
     def empty_state(self, batch: int):
         return ()
 
     def bind_kv_pool(self, k_pool, v_pool, scratch_slot):
         self._k_pool, self._v_pool, self._scratch = k_pool, v_pool, scratch_slot
-        self._graphs = {b: (None, torch.zeros(b, _TABLE + self.table_width, dtype=torch.long), None)
-                        for b in self.decode_buckets}
+        self._inputs = {b: torch.zeros(b, _TABLE + self.table_width, dtype=torch.long) for b in self.decode_buckets}
+        self._graphs = {("decode_paged", b): (None, None) for b in self.decode_buckets}
 
     def _next_logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
@@ -82,7 +84,7 @@ class HostOnlyExecutor(CudaGraphExecutor):
         self.model_s += time.perf_counter() - started
         return logits
 
-    def _paged_step(self, inputs):
+    def _paged_step(self, inputs, program="decode_paged"):
         if self.gpu_s:
             time.sleep(self.gpu_s)
         return self._next_logits(inputs[:, 0], inputs[:, 1])

@@ -272,6 +272,32 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.norm(x)[:, 0]).float()
         return logits, torch.stack(new_k), torch.stack(new_v)
 
+    def forward_paged_fused(self, tokens, positions, k_pool, v_pool, page_table, past_lens, ops):
+        """`forward_paged` as five fused operations per layer (arle_models.fused_decode;
+        `ops` a FusedOps: the plain-torch reference, or the cuda target's kernels)."""
+        from .fused_decode import linear_parts
+
+        c = self.config
+        x = self.embed_tokens(tokens[:, 0]).to(self.compute_dtype)  # [B, hidden]
+        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = cos[:, 0], sin[:, 0]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = ops.norm_linear(x, layer.input_layernorm.weight, *linear_parts(attn.qkv_proj), c.rms_norm_eps)
+            q_norm = None if attn.q_norm is None else attn.q_norm.weight
+            k_norm = None if attn.k_norm is None else attn.k_norm.weight
+            out, k, v = ops.attention(qkv, cos, sin, q_norm, k_norm, k_pool[i], v_pool[i], page_table, past_lens,
+                                      c.num_heads, c.num_kv_heads, c.rms_norm_eps)
+            x = ops.linear_residual(out, *linear_parts(attn.o_proj), x)
+            h = ops.norm_gated_up(x, layer.post_attention_layernorm.weight, *linear_parts(mlp.gate_up_proj),
+                                  c.rms_norm_eps)
+            x = ops.linear_residual(h, *linear_parts(mlp.down_proj), x)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.lm_head(self.norm(x)).float()
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
     def all_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits at every position of a fresh batch [B, T] (for checks and perplexity)."""
         B, T = tokens.shape
@@ -295,11 +321,15 @@ class CausalLM(nn.Module):
 
 
 class PagedDecodeStep(nn.Module):
-    """`CausalLM.forward_paged` as a module's forward, for torch.export."""
+    """`CausalLM.forward_paged` (or, given `ops`, `forward_paged_fused`) as a module's
+    forward, for torch.export."""
 
-    def __init__(self, model: CausalLM):
+    def __init__(self, model: CausalLM, ops=None):
         super().__init__()
         self.model = model
+        self.ops = ops
 
     def forward(self, tokens, positions, k_pool, v_pool, page_table, past_lens):
+        if self.ops is not None:
+            return self.model.forward_paged_fused(tokens, positions, k_pool, v_pool, page_table, past_lens, self.ops)
         return self.model.forward_paged(tokens, positions, k_pool, v_pool, page_table, past_lens)

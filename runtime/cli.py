@@ -212,7 +212,7 @@ def agent(bundle, url, api_key, model, system, max_tokens, temperature, top_p, t
 @click.option("--kv-pages", default=None, type=int, help=KV_PAGES_HELP)
 @click.option("--max-batched-tokens", default=None, type=int,
               help="Tokens fed per engine step, decodes and prefill chunks together (default: max batch + the "
-                   "bundle's prefill chunk). Lower it to cut the inter-token latency spikes of long prefills.")
+                   "bundle's prefill chunk; on cuda max batch + 2048). Lower it to cut the inter-token latency spikes of long prefills.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
 def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv_pages, max_batched_tokens, no_verify):
     """Serve BUNDLE over an OpenAI-compatible HTTP API."""

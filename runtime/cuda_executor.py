@@ -7,6 +7,11 @@ its KV pool, one CUDA graph is captured per decode bucket of the manifest (1, 2,
 buffer in (tokens, positions, slots, page table) and replays the graph, which runs the
 paged-decode program and writes the new K/V into the pool. Prefill chunks run the
 prefill program directly (their shapes vary too much for graphs).
+
+A bundle may hold a second decode program, decode_fused (small batches, fewer and
+larger kernels; targets/cuda.py): its graphs are captured too, every graph's replay is
+timed, and each batch size runs on the fastest (program, bucket) that fits.
+ARLE_FUSED_DECODE=0 leaves decode_fused out (for comparisons).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class CudaGraphExecutor(AotiExecutor):
     # A prefill call of a few hundred tokens is bound by weight reads and kernel launches,
     # not FLOPs: rows padded by up to a quarter cost less than a call of their own.
     prefill_padding_limit = 1.25
+    # Default prompt tokens per engine step: 16 prompts of 128 share one call in ~7 ms warm on
+    # an H100 (3 ms for one), so a burst is prefilled in a few steps instead of one chunk each.
+    prefill_token_budget = 2048
 
     def __init__(self, bundle: Bundle):
         problem = libstdcxx_problem()
@@ -43,26 +51,38 @@ class CudaGraphExecutor(AotiExecutor):
             raise ArleError(problem)
         device = torch.device("cuda", torch.cuda.current_device())
         weights = {n: t.to(device, non_blocking=True) for n, t in bundle.weights.items()}
+        manifest_programs = bundle.manifest["programs"]
+        fused = "decode_fused" in manifest_programs and os.environ.get("ARLE_FUSED_DECODE", "1") != "0"
+        self.program_names = ("prefill", "decode_paged") + (("decode_fused",) if fused else ())
         # single-threaded runners: no container lock around run, which CUDA graph capture needs.
         super().__init__(bundle, device, weights, single_threaded=True)
-        decode = bundle.manifest["programs"]["decode_paged"]
+        decode = manifest_programs["decode_paged"]
         self.decode_buckets = sorted(bundle.manifest["buckets"]["decode_batch_sizes"])
+        # decode program -> the largest batch it takes
+        self.decode_programs = {"decode_paged": self.decode_buckets[-1]}
+        if fused:
+            self.decode_programs["decode_fused"] = manifest_programs["decode_fused"]["batch"][1]
         self.page_size = decode["page_size"]
         self.table_width = decode["page_table_width"]
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor, torch.Tensor | None]] = {}
+        self._inputs: dict[int, torch.Tensor] = {}  # bucket -> its graphs' device input buffer
+        # (program, bucket) -> (graph or None when graphs are off, its logits output)
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._host = torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long).pin_memory()
         self._host_np = self._host.numpy()  # same memory; numpy row writes cost far less than torch's
         self.graph_capture_s = 0.0
-        self.route: dict[int, int] = {}  # batch size -> bucket, from measured replay times
-        self.replay_ms: dict[int, float] = {}
+        self.prefill_warmup_s = 0.0
+        self._sharded = "tensor_parallel" in bundle.manifest
+        self.route: dict[int, tuple[str, int]] = {}  # batch size -> (program, bucket), from measured replay times
+        self.replay_ms: dict[tuple[str, int], float] = {}
+        self._forced: str | None = None  # run_only(): every batch on one program
         # ARLE_CUDA_GRAPHS=0 runs the same decode program without graphs (for profiling).
         self.use_graphs = os.environ.get("ARLE_CUDA_GRAPHS", "1") != "0"
 
     # --- the paged decode path ----------------------------------------------------------
 
     def bind_kv_pool(self, k_pool: torch.Tensor, v_pool: torch.Tensor, scratch_slot: int) -> None:
-        """Capture one graph per decode bucket over this pool; padded rows write their K/V
-        into scratch_slot, which no sequence owns."""
+        """Capture one graph per decode bucket and program over this pool; padded rows
+        write their K/V into scratch_slot, which no sequence owns."""
         import time
 
         started = time.perf_counter()
@@ -72,41 +92,85 @@ class CudaGraphExecutor(AotiExecutor):
         for bucket in sorted(self.decode_buckets, reverse=True):  # largest first: the rest reuse its memory
             inputs = torch.zeros(bucket, _TABLE + self.table_width, dtype=torch.long, device=self.device)
             inputs[:, _SLOT] = scratch_slot
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up outside capture (lazy init, allocator)
-                    self._paged_step(inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            if not self.use_graphs:
-                self._graphs[bucket] = (None, inputs, None)
-                continue
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._paged_step(inputs)
-            self._graphs[bucket] = (graph, inputs, logits)
+            self._inputs[bucket] = inputs
+            for program, largest in self.decode_programs.items():
+                if bucket > largest:
+                    continue
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up outside capture (lazy init, allocator)
+                        self._paged_step(inputs, program)
+                torch.cuda.current_stream().wait_stream(side)
+                if not self.use_graphs:
+                    self._graphs[program, bucket] = (None, None)
+                    continue
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._paged_step(inputs, program)
+                self._graphs[program, bucket] = (graph, logits)
         torch.cuda.synchronize()
-        self.route = self._route_by_replay_time() if self.use_graphs else {}
+        # Tensor-parallel ranks must replay the same bucket (their graphs hold paired
+        # all-reduces), and timings differ per card: they take the smallest that fits.
+        self.route = self._route_by_replay_time() if self.use_graphs and not self._sharded else {}
         self.graph_capture_s = time.perf_counter() - started
+        # A tensor-parallel shard would need its peers in step (untested: no multi-GPU machine).
+        sharded = self._sharded
+        if os.environ.get("ARLE_PREFILL_WARMUP", "1") != "0" and not sharded:
+            started = time.perf_counter()
+            self.warm_prefill()
+            self.prefill_warmup_s = time.perf_counter() - started
 
-    def _route_by_replay_time(self, replays: int = 10) -> dict[int, int]:
-        """Batch size -> the bucket whose graph decodes it fastest. A bigger bucket can be
-        faster than the smallest one that fits: cuBLAS picks its kernels by M, and on the
-        H200 a Qwen3-0.6B step measured 1.48 ms at batch 1 but 1.22 ms at batch 16.
-        Timed here, on this card, with the real pool (~10 replays per bucket)."""
-        ms = {bucket: self.replay_time_ms(bucket, replays) for bucket in self._graphs}
+    def warm_prefill(self, tokens_per_row: int = 128) -> None:
+        """Run the prefill program once for 1, 2, 4, ... rows of 128 tokens, up to a step's
+        prompt budget, before serving: a process's first prefill call paid ~0.85 s on an
+        H100 (CUDA library set-up), and each size's first call loads the cuBLAS kernels
+        its row count picks."""
+        limits = self.limits
+        width = min(tokens_per_row, limits.max_prefill_tokens)
+        budget = max(limits.max_prefill_tokens, self.prefill_token_budget)
+        rows = 1
+        while rows <= limits.max_batch and rows * width <= budget:
+            ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+            positions = torch.arange(width, device=self.device).expand(rows, width).contiguous()
+            empty = torch.zeros(self.cache_shape(rows, 0), dtype=self.compute_dtype, device=self.device)
+            zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
+            self.prefill(ids, positions, empty, empty, zeros, zeros + width - 1)
+            rows *= 2
+        torch.cuda.synchronize()
+
+    def _route_by_replay_time(self, replays: int = 10) -> dict[int, tuple[str, int]]:
+        """Batch size -> the (program, bucket) whose graph decodes it fastest. A bigger
+        bucket can be faster than the smallest one that fits: cuBLAS picks its kernels by
+        M, and on the H200 a Qwen3-0.6B step measured 1.48 ms at batch 1 but 1.22 ms at
+        batch 16. Timed here, on this card, with the real pool (~10 replays per graph)."""
+        ms = {key: self.replay_time_ms(key[1], replays, key[0]) for key in self._graphs}
         self.replay_ms = ms
         route = {}
         for n in range(1, self.decode_buckets[-1] + 1):
-            fits = [b for b in self.decode_buckets if b >= n]
-            route[n] = min(fits, key=lambda b: (round(ms[b], 2), b))  # ties (within 10 us) go to the smaller
-        log.info("decode graph replay ms per bucket: %s", {b: round(t, 3) for b, t in sorted(ms.items())})
+            fits = [key for key in ms if key[1] >= n and (self._forced is None or key[0] == self._forced)]
+            # ties (within 10 us) go to the smaller bucket, then to decode_paged
+            route[n] = min(fits, key=lambda key: (round(ms[key], 2), key[1], key[0] != "decode_paged"))
+        log.info("decode graph replay ms: %s", {f"{p}/{b}": round(t, 3) for (p, b), t in sorted(ms.items())})
         return route
 
-    def replay_time_ms(self, bucket: int, replays: int = 10) -> float:
-        """GPU time of one decode step of `bucket`: replays queued back to back, so the
-        host never holds the GPU up (the engine's per-token time minus this is host work)."""
-        graph = self._graphs[bucket][0]
+    def run_only(self, program: str | None) -> None:
+        """Send every batch to one decode program (None: the fastest again), e.g. so that
+        `arlec verify` checks each program's tokens."""
+        if program is not None and program not in self.decode_programs:
+            raise ArleError(f"This bundle has no {program} program.")
+        self._forced = program
+        if self.use_graphs and self._graphs:
+            self.route = self._route_by_replay_time()
+
+    def replay_time_ms(self, bucket: int, replays: int = 10, program: str | None = None) -> float:
+        """GPU time of one decode step of `bucket` (on `program`, else the one batch
+        `bucket` is routed to): replays queued back to back, so the host never holds the
+        GPU up (the engine's per-token time minus this is host work)."""
+        if program is None:
+            timed = [key for key in self.replay_ms if key[1] == bucket]
+            program = min(timed, key=self.replay_ms.get)[0] if timed else "decode_paged"
+        graph = self._graphs[program, bucket][0]
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -116,7 +180,7 @@ class CudaGraphExecutor(AotiExecutor):
         torch.cuda.synchronize()
         return start.elapsed_time(end) / replays
 
-    def _paged_step(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _paged_step(self, inputs: torch.Tensor, program: str = "decode_paged") -> torch.Tensor:
         # Every program input contiguous: AOTInductor assumes the strides it was compiled
         # with and does not check them (a column slice here once fed row 0's slot number
         # to row 1 as its token id).
@@ -126,7 +190,7 @@ class CudaGraphExecutor(AotiExecutor):
         positions = inputs[:, _POS : _POS + 1].clone()
         past_lens = inputs[:, _POS].to(torch.int32)
         table = inputs[:, _TABLE:].to(torch.int32)
-        logits, new_k, new_v = self._programs["decode_paged"](tokens, positions, self._k_pool, self._v_pool, table, past_lens)
+        logits, new_k, new_v = self._programs[program](tokens, positions, self._k_pool, self._v_pool, table, past_lens)
         slots = inputs[:, _SLOT]
         self._k_pool[:, slots] = to_pool_dtype(new_k, self._k_pool.dtype)
         self._v_pool[:, slots] = to_pool_dtype(new_v, self._v_pool.dtype)
@@ -139,8 +203,12 @@ class CudaGraphExecutor(AotiExecutor):
             raise ArleError("decode_paged needs bind_kv_pool first.")
         if not 1 <= n <= self.decode_buckets[-1]:
             raise ArleError(f"A batch of {n} is outside this bundle's range 1..{self.decode_buckets[-1]}.")
-        bucket = self.route.get(n) or self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)]
-        graph, inputs, logits = self._graphs[bucket]
+        program, bucket = self.route.get(n) or (
+            self._forced or "decode_paged", self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)])
+        if bucket > self.decode_programs[program]:
+            program = "decode_paged"
+        graph, logits = self._graphs[program, bucket]
+        inputs = self._inputs[bucket]
         if max(positions) + 1 > self.limits.max_context:
             raise ArleError(
                 f"The sequence would reach {max(positions) + 1} tokens, past this bundle's context of "
@@ -154,6 +222,6 @@ class CudaGraphExecutor(AotiExecutor):
             host[row, _TABLE : _TABLE + len(table)] = table
         inputs.copy_(self._host[:bucket], non_blocking=True)
         if graph is None:
-            return self._paged_step(inputs)[:n]
+            return self._paged_step(inputs, program)[:n]
         graph.replay()
         return logits[:n].clone()

@@ -14,6 +14,11 @@ compiles Triton kernels for that card; the .pt2 holds the cubins):
   templates/skinny_matmul.py.j2 where timing on this GPU at build (decode_tuning.py) found
   it faster than cuBLAS, and the attention kernel splits each sequence's past over as
   many programs as that timing chose.
+- decode_fused (batch 1..16, dense bf16/fp16/fp8 models): the same step as five
+  generated kernels per layer (templates/fused_decode.py.j2: norm folded into the
+  projections, SiLU and residual adds in their epilogues, q/k norm and RoPE inside the
+  attention kernel), for the small batches where kernel count, not bytes, sets the
+  time. The runtime times both programs' graphs per bucket at load and runs the faster.
 
 Weights stay outside the packages (the runtime loads the bundle's safetensors onto the GPU
 and hands them to the programs), so a load compiles nothing.
@@ -36,7 +41,7 @@ from arle_runtime.errors import ArleError
 
 from .base import Lowered, ShapePlan
 from .cpu import export_step, program_ranges
-from .kernels import PagedDecodeSpec, load_kernel_module, render_paged_decode
+from .kernels import FusedDecodeSpec, PagedDecodeSpec, load_kernel_module, render_fused_decode, render_paged_decode
 from .decode_tuning import projection_shapes, render_skinny, swap_in, swap_out, tune, tune_attention_splits
 
 SUPPORTED_QUANTS = ("bf16", "fp16", "fp8", "int4")
@@ -48,6 +53,11 @@ MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far
 # cuBLAS and the unsplit attention kernel won every comparison, and the tuned variants
 # have not been compiled into a full program there yet.
 TUNE_ENV = "ARLEC_TUNE_DECODE"
+# "0" builds no decode_fused program (for comparisons; the runtime can also ignore one).
+FUSED_ENV = "ARLEC_FUSED_DECODE"
+# The fused kernels multiply 16 rows per program (tl.dot's minimum), so up to 16 they read
+# each weight once; above that cuBLAS's tiles win and decode_paged serves the batch.
+FUSED_MAX_BATCH = 16
 
 
 def require_gpu() -> torch.device:
@@ -88,14 +98,27 @@ def paged_example_inputs(model: CausalLM, plan: ShapePlan, device):
     )
 
 
-def export_paged_decode(model: CausalLM, plan: ShapePlan, device) -> torch.export.ExportedProgram:
+def export_paged_decode(model: CausalLM, plan: ShapePlan, device, ops=None) -> torch.export.ExportedProgram:
+    """The paged decode step; with `ops` (a FusedOps) the fused small-batch step."""
     batch = Dim("batch", min=1, max=plan.max_batch)
     slots = Dim("slots", min=2, max=MAX_POOL_SLOTS)
     dynamic = ({0: batch}, {0: batch}, {1: slots}, {1: slots}, {0: batch}, {0: batch})
     args = paged_example_inputs(model, plan, device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(PagedDecodeStep(model), args, dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(PagedDecodeStep(model, ops), args, dynamic_shapes=dynamic, strict=False)
+
+
+def prefill_attention_backends():
+    """SDPA backends the prefill program may bake in: not cuDNN's. Its attention builds an
+    execution plan for every new input shape, and a prefill call's shape (rows, chunk,
+    past) changes nearly every step: measured on an H100, ~50 ms on each shape's first call
+    against 3 ms warm, the package load took 4.5 s (cuDNN's libraries) and a 64-prompt
+    burst ran 60 ms prefill steps (docs/perf/cuda-h200.md). Flash and memory-efficient
+    attention have no per-shape setup."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def compile_package(exported, path: Path) -> None:
@@ -158,7 +181,8 @@ class CudaTarget:
 
         progress("export + compile prefill (AOTInductor)")
         model.use_split_attention(False)
-        compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
+        with prefill_attention_backends():
+            compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
         progress("export + compile paged decode (AOTInductor)")
         saved = model.paged_attention
         model.paged_attention = kernel.paged_decode_attention
@@ -168,6 +192,8 @@ class CudaTarget:
         finally:
             model.paged_attention = saved
             swap_out(swapped)
+
+        fused = self.lower_fused(model, plan, out_dir, progress, device)
 
         programs = {
             "prefill": {"path": "cuda/prefill.pt2", "format": "aoti", **program_ranges(plan, True)},
@@ -185,6 +211,11 @@ class CudaTarget:
                 "attention_splits": attention_tuning,
             },
         }
+        if isinstance(fused, dict):
+            programs["decode_fused"] = fused
+            files += [out_dir / fused["kernels"][0], out_dir / fused["path"]]
+        else:
+            programs["decode_paged"]["fused_decode"] = f"not built: {fused}"
         props = torch.cuda.get_device_properties(device)
         import triton
 
@@ -199,3 +230,39 @@ class CudaTarget:
         }
         files += [out_dir / "cuda" / "prefill.pt2", out_dir / "cuda" / "decode_paged.pt2"]
         return Lowered(executor="aoti-cuda", programs=programs, requirements=requirements, files=files)
+
+    def lower_fused(self, model: CausalLM, plan: ShapePlan, out_dir: Path, progress, device) -> dict | str:
+        """Compile decode_fused (arle_models.fused_decode) and return its manifest entry,
+        or say why this model gets none."""
+        from arle_models.fused_decode import fusable
+
+        if os.environ.get(FUSED_ENV, "1") == "0":
+            return f"{FUSED_ENV}=0"
+        reason = fusable(model)
+        if reason is None and model.config.head_dim < 32:
+            reason = f"head dim {model.config.head_dim} (the kernels need 32 or more)"
+        if reason:
+            return reason
+        cfg = model.config
+        spec = FusedDecodeSpec(
+            head_dim=cfg.head_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, page_size=PAGE_SIZE,
+            kv_dtype=str(pool_dtype(model, plan)).removeprefix("torch."),
+            qk_norm=model.layers[0].self_attn.q_norm is not None,
+            num_sms=torch.cuda.get_device_properties(device).multi_processor_count,
+        )
+        path = out_dir / "kernels" / "fused_decode.py"
+        path.write_text(render_fused_decode(spec))
+        ops = load_kernel_module(path).OPS
+        small = dataclasses.replace(plan, max_batch=min(plan.max_batch, FUSED_MAX_BATCH))
+        progress("export + compile fused small-batch decode (AOTInductor)")
+        compile_package(export_paged_decode(model, small, device, ops), out_dir / "cuda" / "decode_fused.pt2")
+        return {
+            "path": "cuda/decode_fused.pt2",
+            "format": "aoti",
+            **program_ranges(small, False),
+            "constant_prefix": "model.",
+            "page_size": PAGE_SIZE,
+            "page_table_width": page_table_width(plan.max_context),
+            "kernels": [str(path.relative_to(out_dir))],
+            "kernel_spec": {k: v for k, v in spec.variables().items() if k != "configs"},
+        }

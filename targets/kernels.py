@@ -106,3 +106,48 @@ def load_kernel_module(path: Path):
     spec.loader.exec_module(module)
     _loaded[key] = module
     return module
+
+
+FUSED_DECODE_TEMPLATE = "fused_decode.py.j2"
+
+
+@dataclass(frozen=True)
+class FusedDecodeSpec:
+    """What the fused small-batch decode kernels are specialised on (templates/fused_decode.py.j2)."""
+
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    page_size: int
+    kv_dtype: str
+    qk_norm: bool
+    num_sms: int  # the build GPU's multiprocessors: the matmuls spread a weight over about this many programs
+    block_n: int = 64  # pool positions per attention step
+    num_warps: int = 4
+    num_stages: int = 2
+    configs: tuple = ()  # ((N, K, gated), (BLOCK_N, BLOCK_K, warps, stages)) pairs that override the rule
+
+    def __post_init__(self):
+        self.paged_spec()  # the paged kernel's shape rules hold here too
+        if self.head_dim < 32:
+            raise ArleError(f"The fused decode kernels need a head dim of at least 32, got {self.head_dim}.")
+
+    def paged_spec(self) -> PagedDecodeSpec:
+        return PagedDecodeSpec(self.head_dim, self.num_heads, self.num_kv_heads, self.page_size, self.kv_dtype,
+                               block_n=self.block_n)
+
+    def variables(self) -> dict:
+        return {
+            **self.paged_spec().variables(),
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "qk_norm": self.qk_norm,
+            "num_sms": self.num_sms,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+            "configs": sorted(self.configs),
+        }
+
+
+def render_fused_decode(spec: FusedDecodeSpec) -> str:
+    return render_op(FUSED_DECODE_TEMPLATE, spec.variables(), "fused_decode")

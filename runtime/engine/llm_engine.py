@@ -34,12 +34,18 @@ from .sequence import Sequence
 log = logging.getLogger("arle.engine")
 
 
+def prefill_token_budget(executor) -> int:
+    """Prefill tokens one step may feed by default: the bundle's prefill chunk, or what the
+    executor asks for (cuda: several chunks, since its prompts share a program call)."""
+    return max(executor.limits.max_prefill_tokens, getattr(executor, "prefill_token_budget", 0))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine settings; None means "from the bundle" (its max_batch, its context)."""
 
     max_batch: int | None = None  # running sequences; decode calls are split at the executor's max_batch
-    max_num_batched_tokens: int | None = None  # default: max_batch + the bundle's largest prefill chunk
+    max_num_batched_tokens: int | None = None  # default: max_batch + the executor's prefill_token_budget
     kv_pages: int | None = None  # KV pool size in pages of 16 positions; default from kv_memory_bytes
     kv_memory_bytes: int | None = None  # budget for the default pool size (1 GiB when None)
     prefix_cache: bool = True
@@ -103,7 +109,7 @@ class Engine:
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_batched_tokens=config.max_num_batched_tokens or max_batch + limits.max_prefill_tokens,
+                max_num_batched_tokens=config.max_num_batched_tokens or max_batch + prefill_token_budget(executor),
                 max_batch=max_batch,
                 max_prefill_chunk=limits.max_prefill_tokens,
                 max_context=limits.max_context,

@@ -261,6 +261,28 @@ def test_cuda_bundle_manifest_names_its_programs_kernels_and_buckets(cuda_bundle
     assert decode["kernel_spec"]["group"] == 4 and decode["kernel_spec"]["head_dim"] == 64
 
 
+def test_the_prefill_program_may_not_bake_in_cudnn_attention():
+    from arle_targets.cuda import prefill_attention_backends
+
+    with prefill_attention_backends():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+@needs_gpu
+def test_the_prefill_package_calls_no_cudnn_attention(cuda_bundle):
+    """cuDNN's attention plans each new shape on its first call (~50 ms on an H100), and
+    prefill shapes change every step: the compiled program must not contain it."""
+    import zipfile
+
+    path = cuda_bundle / json.loads((cuda_bundle / "manifest.json").read_text())["programs"]["prefill"]["path"]
+    with zipfile.ZipFile(path) as package:
+        sources = [n for n in package.namelist() if n.endswith((".cpp", ".py"))]
+        assert sources, "no generated source in the package to check"
+        text = "".join(package.read(n).decode(errors="replace") for n in sources)
+    assert "cudnn_attention" not in text and "attention" in text
+
+
 @needs_gpu
 def test_verify_reproduces_the_build_reference(cuda_bundle):
     proc = run_cli("arlec", "verify", str(cuda_bundle))
@@ -282,7 +304,7 @@ LOAD_AND_GENERATE = textwrap.dedent("""
     together = [r.token_ids for r in engine.generate(prompts, greedy)]
     alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
     print(json.dumps({"inductor": dict(counters["inductor"]), "together": together, "alone": alone,
-                      "graphs": sorted(session.executor._graphs)}))
+                      "graphs": sorted(f"{p}/{b}" for p, b in session.executor._graphs)}))
 """)
 
 
@@ -298,7 +320,7 @@ def test_load_compiles_nothing_and_batching_changes_no_greedy_token(cuda_bundle,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["graphs"] == [1, 2, 4, 8, 16]
+    assert result["graphs"] == sorted(f"{p}/{b}" for p in ("decode_paged", "decode_fused") for b in (1, 2, 4, 8, 16))
     assert not any(result["inductor"].values()), result["inductor"]
     triton_files = [p for p in caches["TRITON_CACHE_DIR"].rglob("*") if p.is_file()]
     assert not triton_files, f"Triton compiled during load: {triton_files[:5]}"
