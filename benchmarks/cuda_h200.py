@@ -77,6 +77,8 @@ def engine_numbers(bundle: Path) -> dict:
     runs = [engine.generate([prompt_ids(0)], greedy)[0] for _ in range(3)]
     best = max(runs, key=lambda r: r.decode_tok_s)
     out = {
+        "decode_bs1_tok_s_runs": [round(r.decode_tok_s, 1) for r in runs],
+        "lookahead": engine._greedy is not None,
         "cuda_graphs": session.executor.use_graphs,
         "decode_bs1_tok_s": round(best.decode_tok_s, 1),
         "ttft_bs1_ms": round(best.ttft_s * 1000, 2),
@@ -97,6 +99,19 @@ def engine_numbers(bundle: Path) -> dict:
         elapsed = time.perf_counter() - started
         out[f"engine_c{c}_tok_s"] = round(sum(len(r.token_ids) for r in results) / elapsed, 1)
         out[f"engine_c{c}_ttft_ms_p50"] = round(sorted(r.ttft_s for r in results)[c // 2] * 1000, 1)
+    variants = {}  # batch 1 with each speed-up taken away, same process and weights
+    if "decode_fused" in session.executor.decode_programs:
+        session.executor.run_only("decode_paged")
+        variants["decode_bs1_tok_s_paged_program"] = max(engine.generate([prompt_ids(0)], greedy)[0].decode_tok_s
+                                                        for _ in range(3))
+        session.executor.run_only(None)
+    if engine._greedy is not None:
+        sync = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=64, lookahead=False))
+        sync.generate([prompt_ids(99)], greedy)
+        variants["decode_bs1_tok_s_without_lookahead"] = max(sync.generate([prompt_ids(0)], greedy)[0].decode_tok_s
+                                                            for _ in range(3))
+        del sync
+    out.update({k: round(v, 1) for k, v in variants.items()})
     del engine, session
     torch.cuda.empty_cache()
     return out

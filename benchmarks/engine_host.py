@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
 
 from arle_runtime.bundle import load_bundle  # noqa: E402
-from arle_runtime.cuda_executor import _TABLE, CudaGraphExecutor  # noqa: E402
+from arle_runtime.cuda_executor import _FEED, _POS, _TABLE, _TOKEN, FEED_ROWS, CudaGraphExecutor  # noqa: E402
 from arle_runtime.engine import Engine, EngineConfig  # noqa: E402
 from arle_runtime.executor import StepLimits  # noqa: E402
 from arle_runtime.sampler import SamplingParams  # noqa: E402
@@ -62,8 +62,11 @@ class HostOnlyExecutor(CudaGraphExecutor):
         self.decode_buckets = [1, 2, 4] + list(range(8, max_batch + 1, 8))
         self.page_size = 16
         self.table_width = -(-max_context // self.page_size)
-        self._host = torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long)
-        self._host_np = self._host.numpy()
+        self._hosts = [torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long)
+                       for _ in range(2)]
+        self._hosts_np = [h.numpy() for h in self._hosts]
+        self._turn, self._sharded = 0, False
+        self._feed = torch.zeros(FEED_ROWS, dtype=torch.long)
         self.route, self.use_graphs, self.model_s = {}, False, 0.0
         self.decode_programs = {"decode_paged": max_batch}
         self._forced = None
@@ -87,7 +90,9 @@ class HostOnlyExecutor(CudaGraphExecutor):
     def _paged_step(self, inputs, program="decode_paged"):
         if self.gpu_s:
             time.sleep(self.gpu_s)
-        return self._next_logits(inputs[:, 0], inputs[:, 1])
+        feed = inputs[:, _FEED]
+        tokens = torch.where(feed >= 0, self._feed[feed.clamp(min=0)], inputs[:, _TOKEN])
+        return self._next_logits(tokens, inputs[:, _POS])
 
     def prefill(self, tokens, positions, past_k, past_v, past_lens, last_index, *state):
         rows = torch.arange(tokens.shape[0])

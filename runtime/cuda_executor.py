@@ -30,8 +30,10 @@ from .preload import libstdcxx_problem
 
 log = logging.getLogger("arle.cuda")
 
-# Host buffer columns: token, position (= past length), slot for the new K/V, unused, page table...
-_TOKEN, _POS, _SLOT, _TABLE = 0, 1, 2, 4
+# Host buffer columns: token, position (= past length), slot for the new K/V, row of the feed
+# buffer holding the token instead (-1: the token column; the engine's lookahead), page table...
+_TOKEN, _POS, _SLOT, _FEED, _TABLE = 0, 1, 2, 3, 4
+FEED_ROWS = 1 << 14  # sampled tokens a step can leave on the device (the engine's running set)
 
 
 class CudaGraphExecutor(AotiExecutor):
@@ -67,8 +69,13 @@ class CudaGraphExecutor(AotiExecutor):
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> its graphs' device input buffer
         # (program, bucket) -> (graph or None when graphs are off, its logits output)
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
-        self._host = torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long).pin_memory()
-        self._host_np = self._host.numpy()  # same memory; numpy row writes cost far less than torch's
+        # Two pinned input buffers taking turns: with the engine's lookahead a step's inputs
+        # are written while the previous step's copy may not have run yet.
+        self._hosts = [torch.zeros(self.decode_buckets[-1], _TABLE + self.table_width, dtype=torch.long).pin_memory()
+                       for _ in range(2)]
+        self._hosts_np = [h.numpy() for h in self._hosts]  # same memory; numpy row writes cost far less than torch's
+        self._turn = 0
+        self._feed = torch.zeros(FEED_ROWS, dtype=torch.long, device=device)
         self.graph_capture_s = 0.0
         self.prefill_warmup_s = 0.0
         self._sharded = "tensor_parallel" in bundle.manifest
@@ -79,6 +86,18 @@ class CudaGraphExecutor(AotiExecutor):
         self.use_graphs = os.environ.get("ARLE_CUDA_GRAPHS", "1") != "0"
 
     # --- the paged decode path ----------------------------------------------------------
+
+    @property
+    def lookahead_capable(self) -> bool:
+        """Whether the engine may feed decode tokens from the device (engine/lookahead.py):
+        not on a tensor-parallel rank, whose peers get each step's tokens from the host."""
+        return not self._sharded
+
+    def set_feed(self, tokens: torch.Tensor) -> None:
+        """Keep a step's sampled tokens [n] on the device for the next decode to read."""
+        if tokens.numel() > FEED_ROWS:
+            raise ArleError(f"A step sampled {tokens.numel()} tokens; the feed buffer holds {FEED_ROWS}.")
+        self._feed[: tokens.numel()].copy_(tokens)
 
     def bind_kv_pool(self, k_pool: torch.Tensor, v_pool: torch.Tensor, scratch_slot: int) -> None:
         """Capture one graph per decode bucket and program over this pool; padded rows
@@ -186,7 +205,8 @@ class CudaGraphExecutor(AotiExecutor):
         # to row 1 as its token id).
         # clone, not contiguous(): a one-row bucket's column slice is already contiguous but
         # 8 bytes into the buffer, and a misaligned input makes the program copy it per call.
-        tokens = inputs[:, _TOKEN : _TOKEN + 1].clone()
+        feed = inputs[:, _FEED]
+        tokens = torch.where(feed >= 0, self._feed[feed.clamp(min=0)], inputs[:, _TOKEN])[:, None]
         positions = inputs[:, _POS : _POS + 1].clone()
         past_lens = inputs[:, _POS].to(torch.int32)
         table = inputs[:, _TABLE:].to(torch.int32)
@@ -196,8 +216,10 @@ class CudaGraphExecutor(AotiExecutor):
         self._v_pool[:, slots] = to_pool_dtype(new_v, self._v_pool.dtype)
         return logits
 
-    def decode_paged(self, tokens: list[int], positions: list[int], slots: list[int], page_tables: list[list[int]]):
-        """Logits [n, V] for n sequences decoding one token each; writes their K/V into the pool."""
+    def decode_paged(self, tokens: list[int], positions: list[int], slots: list[int], page_tables: list[list[int]],
+                     feed: list[int] | None = None):
+        """Logits [n, V] for n sequences decoding one token each; writes their K/V into the
+        pool. With `feed`, row i's token is the feed buffer's row feed[i] (set_feed)."""
         n = len(tokens)
         if not self._graphs:
             raise ArleError("decode_paged needs bind_kv_pool first.")
@@ -214,13 +236,19 @@ class CudaGraphExecutor(AotiExecutor):
                 f"The sequence would reach {max(positions) + 1} tokens, past this bundle's context of "
                 f"{self.limits.max_context}."
             )
-        host = self._host_np[:bucket]
+        self._turn ^= 1
+        host = self._hosts_np[self._turn][:bucket]
         host.fill(0)
         host[:, _SLOT] = self._scratch
-        host[:n, _TOKEN], host[:n, _POS], host[:n, _SLOT] = tokens, positions, slots
+        host[:, _FEED] = -1
+        host[:n, _POS], host[:n, _SLOT] = positions, slots
+        if feed is None:
+            host[:n, _TOKEN] = tokens
+        else:
+            host[:n, _FEED] = feed
         for row, table in enumerate(page_tables):
             host[row, _TABLE : _TABLE + len(table)] = table
-        inputs.copy_(self._host[:bucket], non_blocking=True)
+        inputs.copy_(self._hosts[self._turn][:bucket], non_blocking=True)
         if graph is None:
             return self._paged_step(inputs, program)[:n]
         graph.replay()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from ..executor import Executor
 from ..generate import GenerationResult, StopChecker, empty_state
 from ..sampler import SamplerState, SamplingParams, argmax_rows, plain_greedy, sample
 from .kv_pages import PAGE_SIZE, PageManager
+from .lookahead import DeviceGreedy, InFlight
 from .model_runner import ModelRunner, pool_pages
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
 from .sequence import Sequence
@@ -50,6 +52,9 @@ class EngineConfig:
     kv_memory_bytes: int | None = None  # budget for the default pool size (1 GiB when None)
     prefix_cache: bool = True
     max_waiting: int = 1024
+    # Queue the next decode step before reading the last one's tokens (engine/lookahead.py):
+    # None = wherever the executor can (cuda), unless ARLE_LOOKAHEAD=0.
+    lookahead: bool | None = None
 
 
 @dataclass
@@ -120,6 +125,11 @@ class Engine:
         )
         # A tensor-parallel executor brings a runner that also drives its worker ranks.
         self.runner = getattr(executor, "runner_class", ModelRunner)(executor, pages)
+        lookahead = config.lookahead
+        if lookahead is None:
+            lookahead = os.environ.get("ARLE_LOOKAHEAD", "1") != "0"
+        self._greedy = DeviceGreedy(executor, max_batch) if lookahead and getattr(executor, "lookahead_capable", False) else None
+        self._inflight: InFlight | None = None  # a launched step whose tokens are not read yet
         self._requests: dict[int, _Request] = {}
         self._pending: list[RequestOutput] = []  # finals of aborts, handed out by the next step
         self._in_flight: set[int] = set()  # requests of the forward pass running now
@@ -168,7 +178,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self._pending)
+        return self.scheduler.has_work or bool(self._pending) or self._inflight is not None
 
     @property
     def num_live(self) -> int:
@@ -188,6 +198,9 @@ class Engine:
         try:
             with self._lock:
                 outputs, self._pending = self._pending, []
+            if self._inflight is not None:
+                return outputs + self._step_ahead()
+            with self._lock:
                 if not self.scheduler.has_work:
                     return outputs
                 plan = self.scheduler.schedule()
@@ -203,21 +216,76 @@ class Engine:
                     with self._lock:
                         outputs += self._apply_deferred_aborts()
                 with self._lock:
+                    if self._greedy is not None and plan.sampling and all(plain_greedy(s.params) for s in plan.sampling):
+                        self._inflight = self._launch_greedy(plan, logits)
+                        return outputs  # its tokens come with the next step
                     sampled = self._sample(plan, logits)
             except Exception as e:  # noqa: BLE001 - any failure ends these requests, not the loop
-                message = e.message if isinstance(e, ArleError) else f"internal error in the engine step: {e!r}"
-                if not isinstance(e, ArleError):
-                    log.exception("engine step failed; ending its %d requests", len(plan.sampling))
-                with self._lock:
-                    return outputs + self._fail(ids, message)
+                return outputs + self._fail_step(ids, e, len(plan.sampling))
             with self._lock:
                 tokens = [token for token, _ in sampled]
                 logprobs = {seq.seq_id: lp for seq, (_, lp) in zip(plan.sampling, sampled)}
                 for out in self.scheduler.postprocess(plan, tokens):
-                    outputs.append(self._emit(out.seq, out.token, logprobs.get(out.seq.seq_id)))
+                    if out.seq.seq_id in self._requests:  # a finished-by-schedule one has had its final
+                        outputs.append(self._emit(out.seq, out.token, logprobs.get(out.seq.seq_id)))
             return outputs
         finally:
             self._stepping.release()
+
+    def _fail_step(self, ids: list[int], e: Exception, count: int) -> list[RequestOutput]:
+        message = e.message if isinstance(e, ArleError) else f"internal error in the engine step: {e!r}"
+        if not isinstance(e, ArleError):
+            log.exception("engine step failed; ending its %d requests", count)
+        with self._lock:
+            return self._fail(ids, message)
+
+    def _launch_greedy(self, plan: StepPlan, logits) -> InFlight:
+        """Greedy tokens stay on the device as the next step's input; the plan's sequences
+        get PENDING tokens (scheduler.advance) until `_step_ahead` reads them."""
+        for seq in plan.sampling:
+            if seq.sampler_state is None:
+                seq.sampler_state = SamplerState.create(seq.params, seq.prompt_ids, self.executor.device)
+        inflight = self._greedy.launch(plan, logits)
+        self.scheduler.advance(plan)
+        return inflight
+
+    def _step_ahead(self) -> list[RequestOutput]:
+        """With a step in flight: queue the next decode step (its tokens fed from the
+        device), then read and hand out the step before it. When the next step cannot be
+        planned ahead (a prompt waits, pages run short), only read; the following step()
+        schedules normally."""
+        prev, self._inflight = self._inflight, None
+        outputs: list[RequestOutput] = []
+        nxt = None
+        with self._lock:
+            plan = self.scheduler.schedule_lookahead()
+            if plan is not None:
+                self._in_flight = {seq.seq_id for seq in plan.decodes}
+        if plan is not None:
+            try:
+                try:
+                    logits = self.runner.run(plan, feed=[prev.rows[seq.seq_id] for seq in plan.decodes])
+                finally:
+                    with self._lock:
+                        outputs += self._apply_deferred_aborts()
+                for seq in plan.sampling:
+                    if seq.sampler_state is None:
+                        seq.sampler_state = SamplerState.create(seq.params, seq.prompt_ids, self.executor.device)
+                nxt = self._greedy.launch(plan, logits)
+            except Exception as e:  # noqa: BLE001 - ends these requests (prev's tokens are still read below)
+                outputs += self._fail_step([seq.seq_id for seq in plan.decodes], e, len(plan.decodes))
+        try:
+            tokens = prev.tokens()  # waits for prev's copy only: the step queued above keeps running
+        except Exception as e:  # noqa: BLE001
+            return outputs + self._fail_step([seq.seq_id for seq in prev.plan.sampling], e, len(prev.plan.sampling))
+        with self._lock:
+            for out in self.scheduler.resolve(prev.plan, tokens):
+                if out.seq.seq_id in self._requests:
+                    outputs.append(self._emit(out.seq, out.token, None))
+            if nxt is not None:
+                self.scheduler.advance(plan)
+                self._inflight = nxt
+        return outputs
 
     def _apply_deferred_aborts(self) -> list[RequestOutput]:
         """The forward pass returned: end the requests aborted while it ran (postprocess skips them)."""

@@ -166,11 +166,14 @@ class ModelRunner:
     # --- the step -------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Logits [len(plan.sampling), V] float32 for the plan's sampling order."""
+    def run(self, plan: StepPlan, feed: list[int] | None = None) -> torch.Tensor:
+        """Logits [len(plan.sampling), V] float32 for the plan's sampling order. `feed`
+        (the engine's lookahead): for each decode, the row of the executor's feed buffer
+        that holds its input token, still on the device."""
         self.copy_pages(plan.copies)
         limit = self.executor.limits.max_batch
-        blocks = [self._decode(plan.decodes[i : i + limit]) for i in range(0, len(plan.decodes), limit)]
+        blocks = [self._decode(plan.decodes[i : i + limit], None if feed is None else feed[i : i + limit])
+                  for i in range(0, len(plan.decodes), limit)]
         sampled: dict[int, torch.Tensor] = {}  # id(chunk) -> its logits row
         for group in prefill_groups(plan.prefills, self.executor.limits, self.prefill_padding_limit, bool(self.state)):
             logits = self._prefill(group)
@@ -194,16 +197,17 @@ class ModelRunner:
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
 
-    def _decode(self, batch: list[Sequence]) -> torch.Tensor:
+    def _decode(self, batch: list[Sequence], feed: list[int] | None = None) -> torch.Tensor:
         positions = [seq.num_tokens - 1 for seq in batch]  # == num_computed: the one uncomputed token
         if self.paged:
             ps = self.pages.page_size
-            return self.executor.decode_paged(
+            args = (
                 [seq.last_token for seq in batch],
                 positions,
                 [self.pages.slots(seq, p, 1)[0] for seq, p in zip(batch, positions)],
                 [seq.page_table[: p // ps + 1] for seq, p in zip(batch, positions)],
             )
+            return self.executor.decode_paged(*args) if feed is None else self.executor.decode_paged(*args, feed=feed)
         past_k, past_v = self.gather(batch, positions)
         pos = self._long(positions)
         tokens = self._long([[seq.last_token] for seq in batch])

@@ -23,6 +23,9 @@ from .kv_pages import PageCopy, PageManager
 from .sequence import Sequence, SequenceStatus
 
 
+PENDING = -1  # a sampled token still on the device (Scheduler.advance / resolve)
+
+
 class QueueFullError(ArleError):
     """Too many requests are waiting; the server answers 429/503 and the client retries."""
 
@@ -85,8 +88,12 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)  # informational (logs, metrics)
     finished: list[Sequence] = field(default_factory=list)  # finished by the scheduler itself
 
+    frozen_sampling: list[Sequence] | None = None  # set by Scheduler.advance (PENDING tokens change `samples`)
+
     @property
     def sampling(self) -> list[Sequence]:
+        if self.frozen_sampling is not None:
+            return self.frozen_sampling
         return self.decodes + [c.seq for c in self.prefills if c.samples]
 
     @property
@@ -192,11 +199,38 @@ class Scheduler:
             budget -= length
         return plan
 
+    def schedule_lookahead(self) -> StepPlan | None:
+        """Plan the next step while the last step's tokens are still PENDING on the device:
+        one decode per running sequence, except those that token ends by length. None
+        when the step needs anything this cannot give (a prefill, an admission, a
+        preemption), or has nothing to do: then the engine reads the tokens first and
+        schedules normally."""
+        if self.waiting:
+            return None
+        seqs = [s for s in sorted(self.running, key=lambda s: s.order) if not self.will_stop_on_length(s)]
+        if not seqs or any(s.num_uncomputed != 1 or s.last_token != PENDING for s in seqs):
+            return None
+        needed = sum(self.pages.pages_needed(s, s.num_computed + 1) for s in seqs)
+        if not self.pages.can_allocate(needed):
+            return None
+        plan = StepPlan(decodes=seqs)
+        for seq in seqs:
+            plan.copies += self.pages.prepare(seq, seq.num_computed + 1)
+        return plan
+
     def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[StepOutput]:
         """Record a finished step: `sampled[i]` is the token drawn for `plan.sampling[i]`.
         Sequences aborted while the step ran are skipped."""
-        sampling = plan.sampling
-        assert len(sampled) == len(sampling), (len(sampled), len(sampling))
+        assert len(sampled) == len(plan.sampling), (len(sampled), len(plan.sampling))
+        self.advance(plan)
+        return self.resolve(plan, sampled)
+
+    def advance(self, plan: StepPlan) -> None:
+        """The first half of postprocess, for a step whose tokens are not known yet (the
+        engine's lookahead): the step's K/V counts as computed and each sampling
+        sequence gets PENDING as its next token, so the following step can be planned
+        (its decodes read the tokens on the device). `resolve` fills the tokens in."""
+        plan.frozen_sampling = plan.sampling
         for seq in plan.decodes:
             if not seq.is_finished:
                 seq.num_computed += 1
@@ -206,13 +240,23 @@ class Scheduler:
                 chunk.seq.num_computed += chunk.length
         for seq in (*plan.decodes, *(c.seq for c in plan.prefills)):
             if not seq.is_finished:
-                self.pages.publish(seq)
+                self.pages.publish(seq)  # pages of computed positions only: never a PENDING token
+        for seq in plan.sampling:
+            if not seq.is_finished:
+                seq.append(PENDING)
+
+    def resolve(self, plan: StepPlan, sampled: list[int]) -> list[StepOutput]:
+        """The second half of postprocess: the step's tokens replace their PENDING
+        placeholders (a stop token removes its own), and stop and length limits end
+        sequences."""
         outputs = [StepOutput(seq, None) for seq in plan.finished]
-        for seq, token in zip(sampling, sampled):
+        for seq, token in zip(plan.sampling, sampled):
             if seq.is_finished:
                 continue
+            assert seq.token_ids[-1] == PENDING, seq
             reason = self._stop_reason(seq, token)
             appended = None if reason == "stop" else token
+            seq.token_ids.pop()
             if appended is not None:
                 seq.append(token)
                 reason = self._length_reason(seq)
@@ -220,6 +264,11 @@ class Scheduler:
                 self._finish(seq, reason)
             outputs.append(StepOutput(seq, appended))
         return outputs
+
+    def will_stop_on_length(self, seq: Sequence) -> bool:
+        """Whether the token now PENDING ends `seq` by length (max_tokens, the context,
+        the pool), whatever it turns out to be: the lookahead leaves it out."""
+        return self._length_reason(seq) is not None
 
     def finish(self, seq_id: int, reason: str) -> Sequence | None:
         """End a request from outside (a stop string matched, the client went away);
@@ -284,6 +333,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.token_ids and seq.token_ids[-1] == PENDING:  # ended (aborted, stopped) before its token was read
+            seq.token_ids.pop()
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.pages.release(seq)
