@@ -113,6 +113,9 @@ class Qwen3MoeBlock(nn.Module):
         self.gate = Router(config)
         self.experts = Experts(config)
         self.gather = False  # the decode program's choice (Qwen3Moe.use_split_attention)
+        # fn(x, experts, weights, gate_up_proj, down_proj) -> [N, H] computing gathered_experts
+        # from the stacked weights: the cuda target's fused kernel (templates/fused_moe.py.j2)
+        self.kernel = None
 
     def fuse_projections(self) -> None:
         pass  # gate and up are stored fused already (transformers' layout)
@@ -120,4 +123,7 @@ class Qwen3MoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.gate(flat)
+        if self.kernel is not None:
+            out = self.kernel(flat, experts, weights, self.experts.gate_up_proj, self.experts.down_proj)
+            return out.reshape(x.shape)
         return self.experts(flat, experts, weights, self.gather).reshape(x.shape)

@@ -151,3 +151,24 @@ class FusedDecodeSpec:
 
 def render_fused_decode(spec: FusedDecodeSpec) -> str:
     return render_op(FUSED_DECODE_TEMPLATE, spec.variables(), "fused_decode")
+
+
+FUSED_MOE_TEMPLATE = "fused_moe.py.j2"
+
+
+@dataclass(frozen=True)
+class FusedMoeSpec:
+    """What the fused mixture-of-experts kernels are specialised on (templates/fused_moe.py.j2)."""
+
+    hidden: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+
+    def variables(self) -> dict:
+        return {"hidden": self.hidden, "intermediate": self.intermediate, "num_experts": self.num_experts,
+                "top_k": self.top_k, "block_m": "16 (decode), 64 (prefill)"}
+
+
+def render_fused_moe(spec: FusedMoeSpec) -> str:
+    return render_op(FUSED_MOE_TEMPLATE, spec.variables(), "fused_moe")
