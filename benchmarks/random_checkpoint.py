@@ -31,6 +31,21 @@ SHAPES = {
         num_attention_heads=8, num_key_value_heads=2, head_dim=32 * 2, max_position_embeddings=2048,
         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
     ),
+    # Qwen3-30B-A3B's published shape (48 layers, 32 query / 4 KV heads of 128, 128 experts of
+    # 768, 8 active): ~61 GB in bf16 (`--layers` builds fewer layers of the same shape).
+    "qwen3-30b-a3b": dict(
+        arch="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+    ),
+    # A small Qwen3-MoE for quick GPU tests (head dim 64, 16 experts, 4 active).
+    "qwen3-moe-tiny": dict(
+        arch="qwen3_moe", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=16,
+        num_experts_per_tok=4, moe_intermediate_size=128, norm_topk_prob=True,
+    ),
 }
 
 CHATML = (
@@ -50,15 +65,18 @@ def word_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def write_checkpoint(shape: str, out: Path, seed: int = 0, dtype: str = "bfloat16") -> Path:
+def write_checkpoint(shape: str, out: Path, seed: int = 0, dtype: str = "bfloat16", layers: int | None = None) -> Path:
     import torch
     import transformers
 
     dims = dict(SHAPES[shape])
     arch = dims.pop("arch")
+    if layers:
+        dims["num_hidden_layers"] = layers
     config_cls, model_cls = {
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }[arch]
     config = config_cls(**dims, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
@@ -77,8 +95,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape")
     args = parser.parse_args()
-    print(write_checkpoint(args.shape, Path(args.out), args.seed))
+    print(write_checkpoint(args.shape, Path(args.out), args.seed, layers=args.layers))
 
 
 if __name__ == "__main__":

@@ -37,11 +37,15 @@ from torch.export import Dim
 
 from arle_models import CausalLM
 from arle_models.layers import PagedDecodeStep
+from arle_models.moe import Experts, Qwen3MoeBlock
 from arle_runtime.errors import ArleError
 
 from .base import Lowered, ShapePlan
 from .cpu import export_step, program_ranges
-from .kernels import FusedDecodeSpec, PagedDecodeSpec, load_kernel_module, render_fused_decode, render_paged_decode
+from .kernels import (
+    FusedDecodeSpec, FusedMoeSpec, PagedDecodeSpec, load_kernel_module, render_fused_decode, render_fused_moe,
+    render_paged_decode,
+)
 from .decode_tuning import projection_shapes, render_skinny, swap_in, swap_out, tune, tune_attention_splits
 
 SUPPORTED_QUANTS = ("bf16", "fp16", "fp8", "int4")
@@ -58,6 +62,15 @@ FUSED_ENV = "ARLEC_FUSED_DECODE"
 # The fused kernels multiply 16 rows per program (tl.dot's minimum), so up to 16 they read
 # each weight once; above that cuBLAS's tiles win and decode_paged serves the batch.
 FUSED_MAX_BATCH = 16
+
+
+def set_moe_kernel(blocks, kernel) -> None:
+    """The fused MoE kernel for the program being exported (None puts the torch path back)."""
+    for block in blocks:
+        if kernel is not None and not isinstance(block.experts, Experts):
+            raise ArleError("The cuda target runs mixture-of-experts models with float (bf16/fp16) expert "
+                            "weights; build this model with --quant bf16.")
+        block.kernel = kernel
 
 
 def require_gpu() -> torch.device:
@@ -179,19 +192,35 @@ class CudaTarget:
             files.append(skinny_path)
             skinny = load_kernel_module(skinny_path).skinny_linear
 
+        moe_blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, Qwen3MoeBlock)]
+        moe = None
+        if moe_blocks:
+            moe_path = out_dir / "kernels" / "fused_moe.py"
+            moe_path.write_text(render_fused_moe(FusedMoeSpec(
+                hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+                top_k=cfg.num_experts_per_tok)))
+            files.append(moe_path)
+            moe = load_kernel_module(moe_path)
+
         progress("export + compile prefill (AOTInductor)")
         model.use_split_attention(False)
-        with prefill_attention_backends():
-            compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
+        set_moe_kernel(moe_blocks, moe and moe.prefill_moe)
+        try:
+            with prefill_attention_backends():
+                compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
+        finally:
+            set_moe_kernel(moe_blocks, None)
         progress("export + compile paged decode (AOTInductor)")
         saved = model.paged_attention
         model.paged_attention = kernel.paged_decode_attention
         swapped = swap_in(model, tuning.configs, skinny) if skinny else []  # prefill keeps cuBLAS: many rows
+        set_moe_kernel(moe_blocks, moe and moe.decode_moe)
         try:
             compile_package(export_paged_decode(model, plan, device), out_dir / "cuda" / "decode_paged.pt2")
         finally:
             model.paged_attention = saved
             swap_out(swapped)
+            set_moe_kernel(moe_blocks, None)
 
         fused = self.lower_fused(model, plan, out_dir, progress, device)
 

@@ -338,3 +338,27 @@ def test_bench_measures_a_cuda_bundle_against_a_gpu_reference(cuda_bundle, tmp_p
     result = json.loads(out.read_text())
     assert result["reference"]["device"].startswith("cuda") and result["gpu"]["peak_allocated_bytes"] > 0
     assert all(v > 0 for v in result["ratios"].values())
+
+
+@needs_gpu
+def test_a_moe_bundle_runs_the_fused_expert_kernel_and_keeps_transformers_greedy_tokens(bundle_dir):
+    from random_checkpoint import write_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    ckpt = bundle_dir / "qwen3-moe-tiny-ckpt"
+    if not (ckpt / "config.json").is_file():
+        write_checkpoint("qwen3-moe-tiny", ckpt)
+    bundle = build_bundle(bundle_dir, "moe-tiny-cuda", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16",
+                          "--max-batch", "16", "--max-context", "512")
+    decode = json.loads((bundle / "manifest.json").read_text())["programs"]["decode_paged"]
+    assert "kernels/fused_moe.py" in decode["kernels"]
+    verify = run_cli("arlec", "verify", str(bundle))
+    assert verify.returncode == 0, verify.stderr + verify.stdout
+    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
+    proc = run_cli("arle-runtime", "run", str(bundle), "--raw", "--json", "--prompt", prompt, "--max-tokens", "32",
+                   "--temperature", "0", "--no-verify")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(proc.stdout)["token_ids"]
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
+    assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]

@@ -67,3 +67,41 @@ def test_fused_moe_matches_gathered_experts_on_the_gpu_in_bf16():
     proc = subprocess.run([sys.executable, "-c", MOE_CHECK, "cuda", "bfloat16", "2048", "768", "128", "8", "1e-2"],
                           capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+MODEL_CHECK = textwrap.dedent("""
+    import pathlib, tempfile, torch
+    from arle_models import ModelConfig, build_model
+    from arle_models.moe import Qwen3MoeBlock
+    from arle_targets.kernels import FusedMoeSpec, load_kernel_module, render_fused_moe
+    from arle_targets.cuda import set_moe_kernel
+
+    cfg = ModelConfig("qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, max_position_embeddings=128, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, norm_topk_prob=True)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().fuse_projections()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model = model.half()
+    path = pathlib.Path(tempfile.mkdtemp()) / "moe.py"
+    path.write_text(render_fused_moe(FusedMoeSpec(64, 32, 8, 2)))
+    mod = load_kernel_module(path)
+    blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, Qwen3MoeBlock)]
+    tokens = torch.randint(0, 256, (3, 9))
+    with torch.no_grad():
+        want = model.all_logits(tokens)
+        set_moe_kernel(blocks, mod.prefill_moe)
+        got = model.all_logits(tokens)
+    err = ((got - want).norm() / want.norm()).item()
+    assert len(blocks) == 2 and err < 3e-3, err
+    print("ok")
+""")
+
+
+def test_a_moe_model_with_the_kernel_equals_its_torch_path_in_tritons_interpreter():
+    require_triton_interpreter()
+    proc = subprocess.run([sys.executable, "-c", MODEL_CHECK], capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
