@@ -66,6 +66,7 @@ class HostOnlyExecutor(CudaGraphExecutor):
                        for _ in range(2)]
         self._hosts_np = [h.numpy() for h in self._hosts]
         self._turn, self._sharded = 0, False
+        self._state, self._state_scratch = (), 0
         self._feed = torch.zeros(FEED_ROWS, dtype=torch.long)
         self.route, self.use_graphs, self.model_s = {}, False, 0.0
         self.decode_programs = {"decode_paged": max_batch}

@@ -46,6 +46,13 @@ SHAPES = {
         rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=16,
         num_experts_per_tok=4, moe_intermediate_size=128, norm_topk_prob=True,
     ),
+    # A small Qwen3.5 (3 Gated DeltaNet layers, then gated full attention with partial RoPE).
+    "qwen3_5-tiny": dict(
+        arch="qwen3_5", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4,
+        max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.1,
+    ),
 }
 
 CHATML = (
@@ -77,6 +84,7 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0, dtype: str = "bfloat1
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "qwen3_5": (getattr(transformers, "Qwen3_5TextConfig", None), getattr(transformers, "Qwen3_5ForCausalLM", None)),
     }[arch]
     config = config_cls(**dims, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)

@@ -329,7 +329,7 @@ class PagedDecodeStep(nn.Module):
         self.model = model
         self.ops = ops
 
-    def forward(self, tokens, positions, k_pool, v_pool, page_table, past_lens):
+    def forward(self, tokens, positions, k_pool, v_pool, page_table, past_lens, *state):
         if self.ops is not None:
             return self.model.forward_paged_fused(tokens, positions, k_pool, v_pool, page_table, past_lens, self.ops)
-        return self.model.forward_paged(tokens, positions, k_pool, v_pool, page_table, past_lens)
+        return self.model.forward_paged(tokens, positions, k_pool, v_pool, page_table, past_lens, *state)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP, CausalLM, attention_split_past, step_mask
+from .layers import MLP, CausalLM, attention_split_past, paged_decode_reference, step_mask
 from .linear_attention import GatedDeltaNet
 from .moe import Qwen3MoeBlock
 from .rope import RotaryEmbedding, rotate_half
@@ -95,6 +95,23 @@ class GatedAttention(nn.Module):
             out = out * torch.sigmoid(gate)
         return self.o_proj(out), k, v
 
+    def forward_paged(self, x, cos, sin, k_pool, v_pool, page_table, past_lens, attention):
+        """One decode token per row, the past read from the paged pool by `attention` (a
+        layers.paged_decode_reference-shaped function). Returns (out, k [B,Hkv,D], v)."""
+        B = x.shape[0]
+        q = self.q_proj(x)
+        if self.gated:
+            q, gate = q.reshape(B, 1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(B, 1, self.num_heads * self.head_dim)
+        q = self.q_norm(q.reshape(B, 1, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).reshape(B, 1, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)[:, :, 0]
+        q, k = apply_partial_rotary(q, cos, sin)[:, :, 0], apply_partial_rotary(k, cos, sin)[:, :, 0]
+        out = attention(q, k, v, k_pool, v_pool, page_table, past_lens).reshape(B, 1, self.num_heads * self.head_dim)
+        if self.gated:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out), k, v
+
 
 class HybridDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_type: str, mlp: nn.Module):
@@ -130,6 +147,7 @@ class Qwen3_5(CausalLM):
         # Static chunk count for the linear-attention scan of a compiled prefill (set by
         # the target before export: a loop over a dynamic token count cannot export).
         self.scan_chunks: int | None = None
+        self.paged_attention = paged_decode_reference  # the cuda target swaps in its generated kernel
 
     def fuse_projections(self) -> "Qwen3_5":
         for layer in self.layers:
@@ -173,8 +191,33 @@ class Qwen3_5(CausalLM):
         last = x[torch.arange(x.shape[0], device=x.device), last_index]
         return self.lm_head(last).float(), new_k, new_v, conv, rec
 
-    def forward_paged(self, *args):
-        raise NotImplementedError("Qwen3.5 has no paged decode step yet (the cuda target refuses hybrid models).")
+    def forward_paged(self, tokens, positions, k_pool, v_pool, page_table, past_lens, conv_state, recurrent_state):
+        """The paged decode step (layers.CausalLM.forward_paged) with the linear layers'
+        state of the batch's rows in and out: -> (logits, new_k, new_v, conv_state',
+        recurrent_state'); k_pool, v_pool hold the full-attention layers only."""
+        x = self.embed_tokens(tokens).to(self.compute_dtype)
+        cos, sin = self.rotary(positions, x.dtype)
+        one = torch.ones(tokens.shape[0], dtype=torch.long, device=tokens.device)  # each row advances one token
+        new_k, new_v, new_conv, new_rec = [], [], [], []
+        for layer in self.layers:
+            h = layer.input_layernorm(x)
+            if layer.is_linear:
+                i = len(new_conv)
+                h, conv, rec = layer.linear_attn(h, conv_state[i], recurrent_state[i], one, None)
+                new_conv.append(conv)
+                new_rec.append(rec)
+            else:
+                i = len(new_k)
+                h, k, v = layer.self_attn.forward_paged(h, cos, sin, k_pool[i], v_pool[i], page_table, past_lens,
+                                                        self.paged_attention)
+                new_k.append(k)
+                new_v.append(v)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        logits = self.lm_head(self.norm(x)[:, 0]).float()
+        none = k_pool.new_zeros(1, tokens.shape[0], *k_pool.shape[2:])  # shape of an empty stack
+        return (logits, _stack(new_k, none), _stack(new_v, none), _stack(new_conv, conv_state),
+                _stack(new_rec, recurrent_state))
 
     def all_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         B, T = tokens.shape

@@ -31,8 +31,9 @@ from .preload import libstdcxx_problem
 log = logging.getLogger("arle.cuda")
 
 # Host buffer columns: token, position (= past length), slot for the new K/V, row of the feed
-# buffer holding the token instead (-1: the token column; the engine's lookahead), page table...
-_TOKEN, _POS, _SLOT, _FEED, _TABLE = 0, 1, 2, 3, 4
+# buffer holding the token instead (-1: the token column; the engine's lookahead), row of
+# the linear-attention state pool (hybrid models), page table...
+_TOKEN, _POS, _SLOT, _FEED, _STATE, _TABLE = 0, 1, 2, 3, 4, 5
 FEED_ROWS = 1 << 14  # sampled tokens a step can leave on the device (the engine's running set)
 
 
@@ -82,6 +83,8 @@ class CudaGraphExecutor(AotiExecutor):
         self.route: dict[int, tuple[str, int]] = {}  # batch size -> (program, bucket), from measured replay times
         self.replay_ms: dict[tuple[str, int], float] = {}
         self._forced: str | None = None  # run_only(): every batch on one program
+        self._state: tuple[torch.Tensor, ...] = ()  # hybrid models: bind_state_pool
+        self._state_scratch = 0
         # ARLE_CUDA_GRAPHS=0 runs the same decode program without graphs (for profiling).
         self.use_graphs = os.environ.get("ARLE_CUDA_GRAPHS", "1") != "0"
 
@@ -92,6 +95,12 @@ class CudaGraphExecutor(AotiExecutor):
         """Whether the engine may feed decode tokens from the device (engine/lookahead.py):
         not on a tensor-parallel rank, whose peers get each step's tokens from the host."""
         return not self._sharded
+
+    def bind_state_pool(self, state: tuple[torch.Tensor, ...], scratch_row: int) -> None:
+        """A hybrid model's linear-attention state pool ([Llin, rows, ...] per tensor): each
+        decode graph reads its rows' state and writes it back; padded rows use scratch_row.
+        Call before bind_kv_pool, which captures the graphs."""
+        self._state, self._state_scratch = state, scratch_row
 
     def set_feed(self, tokens: torch.Tensor) -> None:
         """Keep a step's sampled tokens [n] on the device for the next decode to read."""
@@ -111,6 +120,7 @@ class CudaGraphExecutor(AotiExecutor):
         for bucket in sorted(self.decode_buckets, reverse=True):  # largest first: the rest reuse its memory
             inputs = torch.zeros(bucket, _TABLE + self.table_width, dtype=torch.long, device=self.device)
             inputs[:, _SLOT] = scratch_slot
+            inputs[:, _STATE] = self._state_scratch
             self._inputs[bucket] = inputs
             for program, largest in self.decode_programs.items():
                 if bucket > largest:
@@ -210,16 +220,22 @@ class CudaGraphExecutor(AotiExecutor):
         positions = inputs[:, _POS : _POS + 1].clone()
         past_lens = inputs[:, _POS].to(torch.int32)
         table = inputs[:, _TABLE:].to(torch.int32)
-        logits, new_k, new_v = self._programs[program](tokens, positions, self._k_pool, self._v_pool, table, past_lens)
+        rows = inputs[:, _STATE]
+        state = tuple(pool[:, rows] for pool in self._state)
+        logits, new_k, new_v, *state = self._programs[program](
+            tokens, positions, self._k_pool, self._v_pool, table, past_lens, *state)
+        for pool, new in zip(self._state, state):
+            pool[:, rows] = new.to(pool.dtype)
         slots = inputs[:, _SLOT]
         self._k_pool[:, slots] = to_pool_dtype(new_k, self._k_pool.dtype)
         self._v_pool[:, slots] = to_pool_dtype(new_v, self._v_pool.dtype)
         return logits
 
     def decode_paged(self, tokens: list[int], positions: list[int], slots: list[int], page_tables: list[list[int]],
-                     feed: list[int] | None = None):
+                     feed: list[int] | None = None, state_slots: list[int] | None = None):
         """Logits [n, V] for n sequences decoding one token each; writes their K/V into the
-        pool. With `feed`, row i's token is the feed buffer's row feed[i] (set_feed)."""
+        pool. With `feed`, row i's token is the feed buffer's row feed[i] (set_feed); a
+        hybrid model's rows read and write their state rows `state_slots`."""
         n = len(tokens)
         if not self._graphs:
             raise ArleError("decode_paged needs bind_kv_pool first.")
@@ -241,7 +257,10 @@ class CudaGraphExecutor(AotiExecutor):
         host.fill(0)
         host[:, _SLOT] = self._scratch
         host[:, _FEED] = -1
+        host[:, _STATE] = self._state_scratch
         host[:n, _POS], host[:n, _SLOT] = positions, slots
+        if state_slots is not None:
+            host[:n, _STATE] = state_slots
         if feed is None:
             host[:n, _TOKEN] = tokens
         else:

@@ -97,7 +97,8 @@ def paged_example_inputs(model: CausalLM, plan: ShapePlan, device):
     cfg = model.config
     batch, pages = 2, 3
     slots = pages * PAGE_SIZE + 2
-    pool = torch.zeros(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, dtype=pool_dtype(model, plan), device=device)
+    layers = len(cfg.full_attention_layers)  # a hybrid model's linear layers keep no K/V
+    pool = torch.zeros(layers, slots, cfg.num_kv_heads, cfg.head_dim, dtype=pool_dtype(model, plan), device=device)
     table = torch.zeros(batch, page_table_width(plan.max_context), dtype=torch.int32, device=device)
     table[0, :2] = torch.tensor([0, 2])
     table[1, 0] = 1
@@ -108,6 +109,7 @@ def paged_example_inputs(model: CausalLM, plan: ShapePlan, device):
         pool.clone(),
         table,
         torch.tensor([20, 5], dtype=torch.int32, device=device),
+        *(t.to(device) for t in model.empty_state(batch)),  # a hybrid model's linear state rows
     )
 
 
@@ -115,8 +117,9 @@ def export_paged_decode(model: CausalLM, plan: ShapePlan, device, ops=None) -> t
     """The paged decode step; with `ops` (a FusedOps) the fused small-batch step."""
     batch = Dim("batch", min=1, max=plan.max_batch)
     slots = Dim("slots", min=2, max=MAX_POOL_SLOTS)
-    dynamic = ({0: batch}, {0: batch}, {1: slots}, {1: slots}, {0: batch}, {0: batch})
     args = paged_example_inputs(model, plan, device)
+    state = tuple({1: batch} for _ in args[6:])  # [Llin, B, ...], the step's *state argument
+    dynamic = ({0: batch}, {0: batch}, {1: slots}, {1: slots}, {0: batch}, {0: batch}) + ((state,) if state else ())
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(PagedDecodeStep(model, ops), args, dynamic_shapes=dynamic, strict=False)
@@ -144,6 +147,7 @@ def compile_package(exported, path: Path) -> None:
 
 class CudaTarget:
     name = "cuda"
+    supports_hybrid = True  # Qwen3.5: the linear layers' state rows go in and out of the decode graphs
 
     @property
     def device(self) -> torch.device:
@@ -176,7 +180,8 @@ class CudaTarget:
         if tuned:
             progress("tune decode kernels on this GPU")
             splits, attention_tuning = tune_attention_splits(
-                spec, batches, plan.max_context, cfg.num_layers, model.compute_dtype, pool_dtype(model, plan), device, force
+                spec, batches, plan.max_context, len(cfg.full_attention_layers), model.compute_dtype,
+                pool_dtype(model, plan), device, force
             )
             spec = dataclasses.replace(spec, splits=splits)
         kernel_path = out_dir / "kernels" / "paged_decode_attention.py"

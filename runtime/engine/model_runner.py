@@ -148,13 +148,16 @@ class ModelRunner:
         self.past_dtype = getattr(executor, "compute_dtype", lay.dtype)
         self.paged = getattr(executor, "paged", False)
         self.prefill_padding_limit = getattr(executor, "prefill_padding_limit", 1.0)  # see prefill_groups
+        # Hybrid models: the linear-attention state pool, [Llin, state slots + 1, ...] per
+        # tensor; the extra row takes what padded rows of a CUDA-graph decode bucket write.
+        self.state = empty_state(executor, pages.num_state_slots + 1) if pages.num_state_slots else ()
         if self.paged:
+            if self.state:
+                executor.bind_state_pool(self.state, pages.num_state_slots)
             executor.bind_kv_pool(self.k, self.v, self.scratch_slot)
         self._offsets = torch.arange(pages.page_size, device=executor.device)
         self._layer_index = torch.arange(lay.num_layers, device=executor.device)[:, None, None, None]
         self._head_index = torch.arange(lay.num_kv_heads, device=executor.device)[None, None, :, None]
-        # Hybrid models: the linear-attention state pool, [Llin, state slots, ...] per tensor.
-        self.state = empty_state(executor, pages.num_state_slots) if pages.num_state_slots else ()
 
     @property
     def pool_bytes(self) -> int:
@@ -207,7 +210,10 @@ class ModelRunner:
                 [self.pages.slots(seq, p, 1)[0] for seq, p in zip(batch, positions)],
                 [seq.page_table[: p // ps + 1] for seq, p in zip(batch, positions)],
             )
-            return self.executor.decode_paged(*args) if feed is None else self.executor.decode_paged(*args, feed=feed)
+            extra = {} if feed is None else {"feed": feed}
+            if self.state:  # the rows' linear state is read and written inside the step (graph)
+                extra["state_slots"] = [seq.state_slot for seq in batch]
+            return self.executor.decode_paged(*args, **extra)
         past_k, past_v = self.gather(batch, positions)
         pos = self._long(positions)
         tokens = self._long([[seq.last_token] for seq in batch])

@@ -138,6 +138,32 @@ def test_chunked_prefill_then_decode_matches_transformers_generate(arle_model, h
 
 
 @torch.no_grad()
+def test_paged_decode_step_equals_the_dense_step_with_the_linear_state(arle_model):
+    """forward_paged (the cuda target's decode program) against forward at T = 1, on a
+    batch of three rows with their own pasts and linear states."""
+    from test_paged_decode import paged_copy, shuffled_pages
+
+    g = torch.Generator().manual_seed(9)
+    lens = [21, 0, 37]
+    P, B = max(lens), len(lens)
+    past_k = torch.randn(*arle_model.empty_cache(B, P).shape, generator=g)
+    past_v = torch.randn(past_k.shape, generator=g)
+    conv, rec = (torch.randn(s.shape, generator=g) for s in arle_model.empty_state(B))
+    tokens = torch.randint(0, 1000, (B, 1), generator=g)
+    past_lens = torch.tensor(lens)
+    dense = arle_model(tokens, past_lens[:, None], past_k, past_v, past_lens, torch.zeros(B, dtype=torch.long), conv, rec)
+    table = shuffled_pages(B, -(-P // 16) + 1, g)
+    k_pool, v_pool = paged_copy(past_k, lens, table, g), paged_copy(past_v, lens, table, g)
+    paged = arle_model.forward_paged(tokens, past_lens[:, None], k_pool, v_pool, table, past_lens.to(torch.int32),
+                                     conv, rec)
+    torch.testing.assert_close(paged[0], dense[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paged[1], dense[1][:, :, :, 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(paged[2], dense[2][:, :, :, 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(paged[3], dense[3])
+    torch.testing.assert_close(paged[4], dense[4], atol=1e-6, rtol=1e-6)
+
+
+@torch.no_grad()
 def test_right_padding_after_last_index_leaves_the_linear_state_untouched(arle_model):
     short, long = _prompt(7, seed=4), _prompt(11, seed=5)
     padded = torch.tensor([short + [0] * 4, long])

@@ -362,3 +362,46 @@ def test_a_moe_bundle_runs_the_fused_expert_kernel_and_keeps_transformers_greedy
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
     assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
+
+
+HYBRID_BATCH = textwrap.dedent("""
+    from arle_runtime.preload import reexec_with_system_libstdcxx
+    reexec_with_system_libstdcxx()
+    import json, sys
+    from arle_runtime.session import Session
+    from arle_runtime.engine import Engine, EngineConfig
+    from arle_runtime.sampler import SamplingParams
+    session = Session.open(sys.argv[1])
+    engine = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=16))
+    prompts = [[3 + (7 * i + j) % 4000 for j in range(5 + 13 * i)] for i in range(6)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    together = [r.token_ids for r in engine.generate(prompts, greedy)]
+    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    print(json.dumps({"together": together, "alone": alone}))
+""")
+
+
+@needs_gpu
+def test_a_hybrid_bundle_decodes_its_linear_state_in_graphs_and_keeps_transformers_greedy_tokens(bundle_dir):
+    from random_checkpoint import write_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    ckpt = bundle_dir / "qwen3_5-tiny-ckpt"
+    if not (ckpt / "config.json").is_file():
+        write_checkpoint("qwen3_5-tiny", ckpt)
+    bundle = build_bundle(bundle_dir, "qwen3_5-tiny-cuda", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16",
+                          "--max-batch", "16", "--max-context", "512")
+    verify = run_cli("arlec", "verify", str(bundle))
+    assert verify.returncode == 0, verify.stderr + verify.stdout
+    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
+    proc = run_cli("arle-runtime", "run", str(bundle), "--raw", "--json", "--prompt", prompt, "--max-tokens", "32",
+                   "--temperature", "0", "--no-verify")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(proc.stdout)["token_ids"]
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
+    assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
+    batch = subprocess.run([sys.executable, "-c", HYBRID_BATCH, str(bundle)], capture_output=True, text=True, timeout=600)
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    result = json.loads(batch.stdout.strip().splitlines()[-1])
+    assert result["together"] == result["alone"]
