@@ -127,6 +127,8 @@ def run(bundle, prompt, from_stdin, raw, as_json, max_tokens, temperature, top_p
         sandbox = make_sandbox(workdir, unsafe_tools)
         sandbox.require()
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    # One answer needs one decode bucket: capture CUDA graphs as batches need them (cuda bundles).
+    os.environ.setdefault("ARLE_CUDA_GRAPHS", "lazy")
     session = Session.open(bundle, verify=not no_verify, engine_config=EngineConfig(kv_pages=kv_pages))
     _check_kv_memory(session, kv_pages)
     if sandbox is not None:

@@ -85,8 +85,12 @@ class CudaGraphExecutor(AotiExecutor):
         self._forced: str | None = None  # run_only(): every batch on one program
         self._state: tuple[torch.Tensor, ...] = ()  # hybrid models: bind_state_pool
         self._state_scratch = 0
-        # ARLE_CUDA_GRAPHS=0 runs the same decode program without graphs (for profiling).
-        self.use_graphs = os.environ.get("ARLE_CUDA_GRAPHS", "1") != "0"
+        # ARLE_CUDA_GRAPHS=0 runs the same decode program without graphs (for profiling);
+        # "lazy" captures a bucket's graphs when a batch first needs it (`arle-runtime run`:
+        # one prompt needs one bucket, and a cold start should not wait for the rest).
+        mode = os.environ.get("ARLE_CUDA_GRAPHS", "1")
+        self.use_graphs = mode != "0"
+        self.lazy = mode == "lazy"
 
     # --- the paged decode path ----------------------------------------------------------
 
@@ -116,39 +120,63 @@ class CudaGraphExecutor(AotiExecutor):
         started = time.perf_counter()
         self._k_pool, self._v_pool, self._scratch = k_pool, v_pool, scratch_slot
         self._graphs.clear()
-        pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle()
         for bucket in sorted(self.decode_buckets, reverse=True):  # largest first: the rest reuse its memory
             inputs = torch.zeros(bucket, _TABLE + self.table_width, dtype=torch.long, device=self.device)
             inputs[:, _SLOT] = scratch_slot
             inputs[:, _STATE] = self._state_scratch
             self._inputs[bucket] = inputs
+            if self.lazy:
+                continue
             for program, largest in self.decode_programs.items():
-                if bucket > largest:
-                    continue
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm-up outside capture (lazy init, allocator)
-                        self._paged_step(inputs, program)
-                torch.cuda.current_stream().wait_stream(side)
-                if not self.use_graphs:
-                    self._graphs[program, bucket] = (None, None)
-                    continue
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self._paged_step(inputs, program)
-                self._graphs[program, bucket] = (graph, logits)
+                if bucket <= largest:
+                    self._capture(program, bucket)
         torch.cuda.synchronize()
         # Tensor-parallel ranks must replay the same bucket (their graphs hold paired
         # all-reduces), and timings differ per card: they take the smallest that fits.
-        self.route = self._route_by_replay_time() if self.use_graphs and not self._sharded else {}
+        self.route = self._route_by_replay_time() if self.use_graphs and not self.lazy and not self._sharded else {}
         self.graph_capture_s = time.perf_counter() - started
         # A tensor-parallel shard would need its peers in step (untested: no multi-GPU machine).
         sharded = self._sharded
-        if os.environ.get("ARLE_PREFILL_WARMUP", "1") != "0" and not sharded:
+        if os.environ.get("ARLE_PREFILL_WARMUP", "1") != "0" and not sharded and not self.lazy:
             started = time.perf_counter()
             self.warm_prefill()
             self.prefill_warmup_s = time.perf_counter() - started
+
+    def _capture(self, program: str, bucket: int) -> None:
+        """The graph of `program` at batch `bucket` (or, with graphs off, its warm-up only)."""
+        inputs = self._inputs[bucket]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside capture (lazy init, allocator)
+                self._paged_step(inputs, program)
+        torch.cuda.current_stream().wait_stream(side)
+        if not self.use_graphs:
+            self._graphs[program, bucket] = (None, None)
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._paged_step(inputs, program)
+        self._graphs[program, bucket] = (graph, logits)
+
+    def _route_lazily(self, n: int) -> tuple[str, int]:
+        """With lazy capture: the graphs of the smallest bucket that fits `n`, captured on
+        first use, and the faster program there (timed as at a full capture)."""
+        bucket = self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)]
+        programs = [p for p, largest in self.decode_programs.items() if bucket <= largest
+                    and (self._forced is None or p == self._forced)]
+        for program in programs:
+            if (program, bucket) not in self._graphs:
+                self._capture(program, bucket)
+        if self.use_graphs and len(programs) > 1:
+            for program in programs:
+                self.replay_ms[program, bucket] = self.replay_time_ms(bucket, 10, program)
+            program = min(programs, key=lambda p: (round(self.replay_ms[p, bucket], 2), p != "decode_paged"))
+        else:
+            program = programs[0]
+        self.route[n] = (program, bucket)
+        return program, bucket
 
     def warm_prefill(self, tokens_per_row: int = 128) -> None:
         """Run the prefill program once for 1, 2, 4, ... rows of 128 tokens, up to a step's
@@ -189,7 +217,9 @@ class CudaGraphExecutor(AotiExecutor):
         if program is not None and program not in self.decode_programs:
             raise ArleError(f"This bundle has no {program} program.")
         self._forced = program
-        if self.use_graphs and self._graphs:
+        if self.lazy:
+            self.route = {}
+        elif self.use_graphs and self._graphs:
             self.route = self._route_by_replay_time()
 
     def replay_time_ms(self, bucket: int, replays: int = 10, program: str | None = None) -> float:
@@ -241,10 +271,15 @@ class CudaGraphExecutor(AotiExecutor):
             raise ArleError("decode_paged needs bind_kv_pool first.")
         if not 1 <= n <= self.decode_buckets[-1]:
             raise ArleError(f"A batch of {n} is outside this bundle's range 1..{self.decode_buckets[-1]}.")
-        program, bucket = self.route.get(n) or (
-            self._forced or "decode_paged", self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)])
-        if bucket > self.decode_programs[program]:
-            program = "decode_paged"
+        if n in self.route:
+            program, bucket = self.route[n]
+        elif self.lazy:
+            program, bucket = self._route_lazily(n)
+        else:
+            program = self._forced or "decode_paged"
+            bucket = self.decode_buckets[bisect.bisect_left(self.decode_buckets, n)]
+            if bucket > self.decode_programs[program]:
+                program = "decode_paged"
         graph, logits = self._graphs[program, bucket]
         inputs = self._inputs[bucket]
         if max(positions) + 1 > self.limits.max_context:
