@@ -117,8 +117,6 @@ def linear_numbers(mod, bandwidth: float, batches, configs) -> dict:
             row["sweep_us"] = sweep
             entry[f"b{B}"] = row
         out[name] = entry
-        del weights
-        torch.cuda.empty_cache()
     return out
 
 

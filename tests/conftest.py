@@ -29,6 +29,17 @@ def require_triton_interpreter() -> None:
         pytest.skip(f"Triton's interpreter breaks on numpy {numpy.__version__} (the test extras pin numpy<2.3)")
 
 
+def run_check_script(script: str, *args: str, interpreted: bool) -> None:
+    """Run a check script in a fresh Python (in Triton's CPU interpreter when `interpreted`,
+    else on this machine's GPU); it prints "ok" when every check held."""
+    if interpreted:
+        require_triton_interpreter()
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"} if interpreted else None
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def default_sigint() -> None:
     """preexec_fn for children that tests interrupt: a test run launched in the background
     of a non-interactive shell inherits SIGINT ignored, and so would every child."""

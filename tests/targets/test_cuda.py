@@ -176,17 +176,42 @@ def test_paged_decode_kernel_reads_an_fp8_pool(tmp_path, head_dim, heads, kv_hea
 
 
 def tiny_checkpoint(bundle_dir: Path) -> Path:
-    from random_checkpoint import write_checkpoint
-
-    ckpt = bundle_dir / "llama-tiny-ckpt"
-    if not (ckpt / "config.json").is_file():
-        write_checkpoint("llama-tiny", ckpt)
-    return ckpt
+    return random_checkpoint_dir(bundle_dir, "llama-tiny")
 
 
 def build_tiny_cuda(bundle_dir: Path, name: str, *args: str) -> Path:
     return build_bundle(bundle_dir, name, "--model", str(tiny_checkpoint(bundle_dir)), "--target", "cuda",
                         "--max-batch", "16", "--max-context", "512", *args)
+
+
+PROMPT = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
+
+
+def assert_greedy_equals_transformers(bundle: Path, checkpoint: Path, max_tokens: int = 32) -> None:
+    """`arle-runtime run --raw --json` tokens == transformers' greedy on the same bf16 weights."""
+    from transformers import AutoModelForCausalLM
+
+    proc = run_cli("arle-runtime", "run", str(bundle), "--raw", "--json", "--prompt", PROMPT,
+                   "--max-tokens", str(max_tokens), "--temperature", "0", "--no-verify")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(proc.stdout)["token_ids"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([[int(w[1:]) for w in PROMPT.split()]], device="cuda")
+    assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
+
+
+def assert_verifies(bundle: Path) -> None:
+    proc = run_cli("arlec", "verify", str(bundle))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def random_checkpoint_dir(bundle_dir: Path, shape: str) -> Path:
+    from random_checkpoint import write_checkpoint
+
+    ckpt = bundle_dir / f"{shape}-ckpt"
+    if not (ckpt / "config.json").is_file():
+        write_checkpoint(shape, ckpt)
+    return ckpt
 
 
 @pytest.fixture(scope="module")
@@ -211,25 +236,13 @@ def test_quantized_cuda_bundles_build_and_verify(bundle_dir, name, args):
 
 @needs_gpu
 def test_greedy_tokens_equal_transformers_on_the_same_bf16_weights(cuda_bundle, bundle_dir):
-    from transformers import AutoModelForCausalLM
-
-    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
-    proc = run_cli("arle-runtime", "run", str(cuda_bundle), "--raw", "--json", "--prompt", prompt,
-                   "--max-tokens", "32", "--temperature", "0", "--no-verify")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = json.loads(proc.stdout)["token_ids"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(bundle_dir), dtype=torch.bfloat16).cuda().eval()
-    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
-    out = model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()
-    assert ours == out[: len(ours)]
+    assert_greedy_equals_transformers(cuda_bundle, tiny_checkpoint(bundle_dir))
 
 
 @needs_gpu
 def test_tuned_decode_kernels_compile_into_the_program_and_keep_greedy_tokens(bundle_dir):
     """ARLEC_TUNE_DECODE=force takes the generated skinny matmul for every projection and a
     split attention kernel, so this checks those paths end to end (AOTInductor, graphs)."""
-    from transformers import AutoModelForCausalLM
-
     out = bundle_dir / "tiny-tuned-cuda.arle"
     proc = run_cli("arlec", "build", "--model", str(tiny_checkpoint(bundle_dir)), "--target", "cuda", "--quant", "bf16",
                    "--max-batch", "16", "--max-context", "512", "--out", str(out), "--force",
@@ -239,16 +252,8 @@ def test_tuned_decode_kernels_compile_into_the_program_and_keep_greedy_tokens(bu
     assert {m["choice"] for m in decode["projection_matmuls"].values()} == {"kernel"}
     assert decode["attention_splits"]["chosen"] > 1 and decode["kernel_spec"]["splits"] > 1
     assert "kernels/skinny_matmul.py" in decode["kernels"]
-    verify = run_cli("arlec", "verify", str(out))
-    assert verify.returncode == 0, verify.stderr + verify.stdout
-    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
-    proc = run_cli("arle-runtime", "run", str(out), "--raw", "--json", "--prompt", prompt, "--max-tokens", "32",
-                   "--temperature", "0", "--no-verify")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = json.loads(proc.stdout)["token_ids"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(bundle_dir), dtype=torch.bfloat16).cuda().eval()
-    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
-    assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
+    assert_verifies(out)
+    assert_greedy_equals_transformers(out, tiny_checkpoint(bundle_dir))
 
 
 @needs_gpu
@@ -285,8 +290,7 @@ def test_the_prefill_package_calls_no_cudnn_attention(cuda_bundle):
 
 @needs_gpu
 def test_verify_reproduces_the_build_reference(cuda_bundle):
-    proc = run_cli("arlec", "verify", str(cuda_bundle))
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert_verifies(cuda_bundle)
 
 
 LOAD_AND_GENERATE = textwrap.dedent("""
@@ -316,10 +320,7 @@ def test_load_compiles_nothing_and_batching_changes_no_greedy_token(cuda_bundle,
     for path in caches.values():
         path.mkdir()
     env = {**os.environ, **{k: str(v) for k, v in caches.items()}}
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(cuda_bundle)], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = load_and_generate(cuda_bundle, env)
     assert result["graphs"] == sorted(f"{p}/{b}" for p in ("decode_paged", "decode_fused") for b in (1, 2, 4, 8, 16))
     assert not any(result["inductor"].values()), result["inductor"]
     triton_files = [p for p in caches["TRITON_CACHE_DIR"].rglob("*") if p.is_file()]
@@ -340,68 +341,30 @@ def test_bench_measures_a_cuda_bundle_against_a_gpu_reference(cuda_bundle, tmp_p
     assert all(v > 0 for v in result["ratios"].values())
 
 
+def load_and_generate(bundle: Path, env=None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(bundle)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @needs_gpu
 def test_a_moe_bundle_runs_the_fused_expert_kernel_and_keeps_transformers_greedy_tokens(bundle_dir):
-    from random_checkpoint import write_checkpoint
-    from transformers import AutoModelForCausalLM
-
-    ckpt = bundle_dir / "qwen3-moe-tiny-ckpt"
-    if not (ckpt / "config.json").is_file():
-        write_checkpoint("qwen3-moe-tiny", ckpt)
+    ckpt = random_checkpoint_dir(bundle_dir, "qwen3-moe-tiny")
     bundle = build_bundle(bundle_dir, "moe-tiny-cuda", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16",
                           "--max-batch", "16", "--max-context", "512")
     decode = json.loads((bundle / "manifest.json").read_text())["programs"]["decode_paged"]
     assert "kernels/fused_moe.py" in decode["kernels"]
-    verify = run_cli("arlec", "verify", str(bundle))
-    assert verify.returncode == 0, verify.stderr + verify.stdout
-    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
-    proc = run_cli("arle-runtime", "run", str(bundle), "--raw", "--json", "--prompt", prompt, "--max-tokens", "32",
-                   "--temperature", "0", "--no-verify")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = json.loads(proc.stdout)["token_ids"]
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
-    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
-    assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
-
-
-HYBRID_BATCH = textwrap.dedent("""
-    from arle_runtime.preload import reexec_with_system_libstdcxx
-    reexec_with_system_libstdcxx()
-    import json, sys
-    from arle_runtime.session import Session
-    from arle_runtime.engine import Engine, EngineConfig
-    from arle_runtime.sampler import SamplingParams
-    session = Session.open(sys.argv[1])
-    engine = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=16))
-    prompts = [[3 + (7 * i + j) % 4000 for j in range(5 + 13 * i)] for i in range(6)]
-    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    together = [r.token_ids for r in engine.generate(prompts, greedy)]
-    alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
-    print(json.dumps({"together": together, "alone": alone}))
-""")
+    assert_verifies(bundle)
+    assert_greedy_equals_transformers(bundle, ckpt)
 
 
 @needs_gpu
 def test_a_hybrid_bundle_decodes_its_linear_state_in_graphs_and_keeps_transformers_greedy_tokens(bundle_dir):
-    from random_checkpoint import write_checkpoint
-    from transformers import AutoModelForCausalLM
-
-    ckpt = bundle_dir / "qwen3_5-tiny-ckpt"
-    if not (ckpt / "config.json").is_file():
-        write_checkpoint("qwen3_5-tiny", ckpt)
+    ckpt = random_checkpoint_dir(bundle_dir, "qwen3_5-tiny")
     bundle = build_bundle(bundle_dir, "qwen3_5-tiny-cuda", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16",
                           "--max-batch", "16", "--max-context", "512")
-    verify = run_cli("arlec", "verify", str(bundle))
-    assert verify.returncode == 0, verify.stderr + verify.stdout
-    prompt = " ".join(f"w{i}" for i in (5, 77, 301, 9, 1200, 44, 3000, 18))
-    proc = run_cli("arle-runtime", "run", str(bundle), "--raw", "--json", "--prompt", prompt, "--max-tokens", "32",
-                   "--temperature", "0", "--no-verify")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = json.loads(proc.stdout)["token_ids"]
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
-    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]], device="cuda")
-    assert ours == model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
-    batch = subprocess.run([sys.executable, "-c", HYBRID_BATCH, str(bundle)], capture_output=True, text=True, timeout=600)
-    assert batch.returncode == 0, batch.stderr[-3000:]
-    result = json.loads(batch.stdout.strip().splitlines()[-1])
+    assert_verifies(bundle)
+    assert_greedy_equals_transformers(bundle, ckpt)
+    result = load_and_generate(bundle)
     assert result["together"] == result["alone"]

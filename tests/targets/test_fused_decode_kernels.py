@@ -6,15 +6,13 @@ the model's real shapes on a GPU (skipped without one)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from arle_targets.kernels import FusedDecodeSpec, render_fused_decode
-from conftest import REPO, require_triton_interpreter
+from conftest import run_check_script
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -116,11 +114,7 @@ OPS_CHECK = textwrap.dedent("""
 
 
 def test_fused_ops_match_their_specification_in_tritons_interpreter():
-    require_triton_interpreter()
-    proc = subprocess.run([sys.executable, "-c", OPS_CHECK, "cpu", "float16", "4", "2", "32", "96", "80", "3e-3"],
-                          capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_check_script(OPS_CHECK, "cpu", "float16", "4", "2", "32", "96", "80", "3e-3", interpreted=True)
 
 
 STEP_CHECK = textwrap.dedent("""
@@ -155,15 +149,10 @@ STEP_CHECK = textwrap.dedent("""
 
 
 def test_a_whole_fused_step_equals_the_paged_step_in_tritons_interpreter():
-    require_triton_interpreter()
-    proc = subprocess.run([sys.executable, "-c", STEP_CHECK], capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_check_script(STEP_CHECK, interpreted=True)
 
 
 @needs_gpu
 @pytest.mark.parametrize("shape", [(16, 8, 128, 1024, 3072), (9, 3, 64, 576, 1536)])  # Qwen3-0.6B, SmolLM2-135M
 def test_fused_ops_match_their_specification_on_the_gpu_in_bf16(shape):
-    proc = subprocess.run([sys.executable, "-c", OPS_CHECK, "cuda", "bfloat16", *map(str, shape), "1e-2"],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_check_script(OPS_CHECK, "cuda", "bfloat16", *map(str, shape), "1e-2", interpreted=False)

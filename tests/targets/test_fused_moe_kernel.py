@@ -4,15 +4,13 @@ its specification, arle_models.moe.gathered_experts: on the CPU in Triton's inte
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from arle_targets.kernels import FusedMoeSpec, render_fused_moe
-from conftest import REPO, require_triton_interpreter
+from conftest import run_check_script
 
 
 def test_rendered_source_is_valid_python_with_a_hashed_op_name():
@@ -54,19 +52,13 @@ MOE_CHECK = textwrap.dedent("""
 
 
 def test_fused_moe_matches_gathered_experts_in_tritons_interpreter():
-    require_triton_interpreter()
-    proc = subprocess.run([sys.executable, "-c", MOE_CHECK, "cpu", "float16", "64", "32", "8", "2", "3e-3"],
-                          capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_check_script(MOE_CHECK, "cpu", "float16", "64", "32", "8", "2", "3e-3", interpreted=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_moe_matches_gathered_experts_on_the_gpu_in_bf16():
     # Qwen3-30B-A3B's expert shape: hidden 2048, 768 per expert, 128 experts, top 8
-    proc = subprocess.run([sys.executable, "-c", MOE_CHECK, "cuda", "bfloat16", "2048", "768", "128", "8", "1e-2"],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_check_script(MOE_CHECK, "cuda", "bfloat16", "2048", "768", "128", "8", "1e-2", interpreted=False)
 
 
 MODEL_CHECK = textwrap.dedent("""
@@ -101,7 +93,4 @@ MODEL_CHECK = textwrap.dedent("""
 
 
 def test_a_moe_model_with_the_kernel_equals_its_torch_path_in_tritons_interpreter():
-    require_triton_interpreter()
-    proc = subprocess.run([sys.executable, "-c", MODEL_CHECK], capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_check_script(MODEL_CHECK, interpreted=True)
