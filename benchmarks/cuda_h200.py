@@ -238,6 +238,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: build,cold,engine,nographs,server,hf")
     parser.add_argument("--no-hf-compile", action="store_true")
     parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
     args = parser.parse_args()
     from arle_runtime.preload import reexec_with_system_libstdcxx
 
@@ -245,14 +246,15 @@ def main() -> None:
     from random_checkpoint import write_checkpoint
 
     work = Path(args.work)
-    ckpt = work / "qwen3-0.6b-random"
+    ckpt = work / ("qwen3-0.6b-random" + (f"-{args.layers}l" if args.layers else ""))
     if not (ckpt / "config.json").exists():
         log("writing the random Qwen3-0.6B checkpoint")
-        write_checkpoint("qwen3-0.6b", ckpt)
+        write_checkpoint("qwen3-0.6b", ckpt, layers=args.layers)
     kv = "" if args.kv_dtype == "auto" else f"-kv{args.kv_dtype}"
-    bundle = work / f"qwen3-0.6b-{args.quant}{kv}-cuda.arle"
+    bundle = work / f"{ckpt.name}-{args.quant}{kv}-cuda.arle"
     skip = set(filter(None, args.skip.split(",")))
-    result = {"shape": "qwen3-0.6b (random weights)", "quant": args.quant, "kv_dtype": args.kv_dtype,
+    result = {"shape": "qwen3-0.6b (random weights)", "layers": args.layers or 28, "quant": args.quant,
+              "kv_dtype": args.kv_dtype,
               "prompt_tokens": PROMPT_TOKENS,
               "new_tokens": NEW_TOKENS, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python benchmarks/cuda_h200.py " + " ".join(sys.argv[1:]), "errors": {}}
