@@ -30,7 +30,8 @@ LINEAR_CONFIGS = [  # BLOCK_N, BLOCK_K, num_warps, num_stages
     (16, 128, 4, 4), (16, 256, 4, 4), (16, 256, 4, 3), (16, 512, 4, 3), (16, 256, 8, 4), (16, 512, 8, 3),
     (32, 128, 4, 4), (32, 256, 4, 3), (32, 256, 8, 3), (32, 128, 4, 5), (64, 64, 4, 4), (64, 128, 8, 3),
 ]
-ATTENTION_VARIANTS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2)]  # block_n, warps, stages
+# block_n, warps, stages
+ATTENTION_VARIANTS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2)]
 
 
 def graph_us(calls, repeats: int = 8) -> float:
@@ -93,7 +94,7 @@ def linear_numbers(mod, bandwidth: float, batches, configs) -> dict:
         norm_w = torch.rand(k, device=dev, dtype=dt) + 0.5
         n_out = rows // 2 if gated else rows
         entry = {"weight_mb": round(weight_bytes / 2**20, 2),
-                 "floor_us": round(weight_bytes / bandwidth * 1e6, 2)}  # read once at the copy rate (bytes read + written)
+                 "floor_us": round(weight_bytes / bandwidth * 1e6, 2)}  # read once at the copy rate
         for B in batches:
             x = torch.randn(B, k, device=dev, dtype=dt)
             res = torch.randn(B, n_out, device=dev, dtype=dt) if residual else None

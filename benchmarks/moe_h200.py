@@ -87,8 +87,9 @@ def main() -> None:
     work = Path(args.work)
     ckpt = work / f"qwen3-30b-a3b-{args.layers or 48}l"
     bundle = work / f"{ckpt.name}-bf16-cuda.arle"
-    result = {"shape": "qwen3-30b-a3b (random weights)", "layers": args.layers or 48, "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "command": "python benchmarks/moe_h200.py " + " ".join(sys.argv[1:])}
+    result = {"shape": "qwen3-30b-a3b (random weights)", "layers": args.layers or 48,
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "command": "python benchmarks/moe_h200.py " + " ".join(sys.argv[1:])}
     if not (ckpt / "config.json").exists():
         started = time.perf_counter()
         write_checkpoint("qwen3-30b-a3b", ckpt, layers=args.layers)

@@ -128,7 +128,8 @@ class Engine:
         lookahead = config.lookahead
         if lookahead is None:
             lookahead = os.environ.get("ARLE_LOOKAHEAD", "1") != "0"
-        self._greedy = DeviceGreedy(executor, max_batch) if lookahead and getattr(executor, "lookahead_capable", False) else None
+        capable = lookahead and getattr(executor, "lookahead_capable", False)
+        self._greedy = DeviceGreedy(executor, max_batch) if capable else None
         self._inflight: InFlight | None = None  # a launched step whose tokens are not read yet
         self._requests: dict[int, _Request] = {}
         self._pending: list[RequestOutput] = []  # finals of aborts, handed out by the next step
@@ -216,8 +217,10 @@ class Engine:
                     with self._lock:
                         outputs += self._apply_deferred_aborts()
                 with self._lock:
-                    if self._greedy is not None and plan.sampling and all(plain_greedy(s.params) for s in plan.sampling):
+                    greedy = plan.sampling and all(plain_greedy(seq.params) for seq in plan.sampling)
+                    if self._greedy is not None and greedy:
                         self._inflight = self._launch_greedy(plan, logits)
+                        self.scheduler.advance(plan)  # PENDING tokens until _step_ahead reads them
                         return outputs  # its tokens come with the next step
                     sampled = self._sample(plan, logits)
             except Exception as e:  # noqa: BLE001 - any failure ends these requests, not the loop
@@ -240,14 +243,12 @@ class Engine:
             return self._fail(ids, message)
 
     def _launch_greedy(self, plan: StepPlan, logits) -> InFlight:
-        """Greedy tokens stay on the device as the next step's input; the plan's sequences
-        get PENDING tokens (scheduler.advance) until `_step_ahead` reads them."""
+        """Greedy tokens stay on the device as the next step's input (and go to the host
+        without a wait); _emit's bookkeeping needs each sequence's sampler state."""
         for seq in plan.sampling:
             if seq.sampler_state is None:
                 seq.sampler_state = SamplerState.create(seq.params, seq.prompt_ids, self.executor.device)
-        inflight = self._greedy.launch(plan, logits)
-        self.scheduler.advance(plan)
-        return inflight
+        return self._greedy.launch(plan, logits)
 
     def _step_ahead(self) -> list[RequestOutput]:
         """With a step in flight: queue the next decode step (its tokens fed from the
@@ -268,10 +269,7 @@ class Engine:
                 finally:
                     with self._lock:
                         outputs += self._apply_deferred_aborts()
-                for seq in plan.sampling:
-                    if seq.sampler_state is None:
-                        seq.sampler_state = SamplerState.create(seq.params, seq.prompt_ids, self.executor.device)
-                nxt = self._greedy.launch(plan, logits)
+                nxt = self._launch_greedy(plan, logits)
             except Exception as e:  # noqa: BLE001 - ends these requests (prev's tokens are still read below)
                 outputs += self._fail_step([seq.seq_id for seq in plan.decodes], e, len(plan.decodes))
         try:
