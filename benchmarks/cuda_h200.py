@@ -239,6 +239,8 @@ def main() -> None:
     parser.add_argument("--no-hf-compile", action="store_true")
     parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="start from the --out file of an earlier run (split a run over two GPU calls)")
     args = parser.parse_args()
     from arle_runtime.preload import reexec_with_system_libstdcxx
 
@@ -259,10 +261,20 @@ def main() -> None:
               "new_tokens": NEW_TOKENS, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python benchmarks/cuda_h200.py " + " ".join(sys.argv[1:]), "errors": {}}
 
+    logits_path = Path(f"{args.out}.logits.pt") if args.out else None  # the prompt logits, for a resumed run
+    if args.resume and args.out and Path(args.out).exists():
+        earlier = json.loads(Path(args.out).read_text())
+        commands = [*earlier.pop("commands", [earlier["command"]]), result["command"]]
+        result = {**earlier, "command": result["command"], "commands": commands}
+        if logits_path.exists():
+            result["prompt_logits"] = torch.load(logits_path)
+
     def save():
         if args.out:
             plain = {k: v for k, v in result.items() if not isinstance(v, torch.Tensor)}
             Path(args.out).write_text(json.dumps(plain, indent=2) + "\n")
+            if isinstance(result.get("prompt_logits"), torch.Tensor):
+                torch.save(result["prompt_logits"], logits_path)
 
     def phase(name, fn):
         log(name)

@@ -53,6 +53,14 @@ SHAPES = {
         linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4,
         max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.1,
     ),
+    # The same with every MLP routed (16 experts of 128, 4 active) plus a gated shared expert.
+    "qwen3_5-moe-tiny": dict(
+        arch="qwen3_5_moe", vocab_size=4096, hidden_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4,
+        max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.1, num_experts=16,
+        num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+    ),
 }
 
 CHATML = (
@@ -85,6 +93,8 @@ def write_checkpoint(shape: str, out: Path, seed: int = 0, dtype: str = "bfloat1
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "qwen3_5": (getattr(transformers, "Qwen3_5TextConfig", None), getattr(transformers, "Qwen3_5ForCausalLM", None)),
+        "qwen3_5_moe": (getattr(transformers, "Qwen3_5MoeTextConfig", None),
+                        getattr(transformers, "Qwen3_5MoeForCausalLM", None)),
     }[arch]
     config = config_cls(**dims, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)

@@ -360,9 +360,10 @@ def test_a_moe_bundle_runs_the_fused_expert_kernel_and_keeps_transformers_greedy
 
 
 @needs_gpu
-def test_a_hybrid_bundle_decodes_its_linear_state_in_graphs_and_keeps_transformers_greedy_tokens(bundle_dir):
-    ckpt = random_checkpoint_dir(bundle_dir, "qwen3_5-tiny")
-    bundle = build_bundle(bundle_dir, "qwen3_5-tiny-cuda", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16",
+@pytest.mark.parametrize("shape", ["qwen3_5-tiny", "qwen3_5-moe-tiny"])
+def test_a_hybrid_bundle_decodes_its_linear_state_in_graphs_and_keeps_transformers_greedy_tokens(bundle_dir, shape):
+    ckpt = random_checkpoint_dir(bundle_dir, shape)
+    bundle = build_bundle(bundle_dir, f"{shape}-cuda", "--model", str(ckpt), "--target", "cuda", "--quant", "bf16",
                           "--max-batch", "16", "--max-context", "512")
     assert_verifies(bundle)
     assert_greedy_equals_transformers(bundle, ckpt)
