@@ -297,10 +297,10 @@ def main() -> None:
         phase("engine_without_graphs", lambda: {
             "decode_bs1_tok_s_without_graphs": engine_numbers(bundle)["decode_bs1_tok_s"]})
         os.environ.pop("ARLE_CUDA_GRAPHS")
-    if args.server and "server" not in skip:
-        phase("server", lambda: server_numbers(bundle))
     if "hf" not in skip:
         phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile, result.get("greedy_ids")))
+    if args.server and "server" not in skip:
+        phase("server", lambda: server_numbers(bundle))
     ours_logits, hf_logits = result.pop("prompt_logits", None), result.pop("hf_logits", None)
     if ours_logits is not None and hf_logits is not None:
         result["prompt_logits_rel_error_vs_transformers"] = round(
