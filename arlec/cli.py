@@ -152,7 +152,7 @@ def bench(bundle, as_json, out, prompt_tokens, new_tokens, repeats):
               help="Rerun the bench up to N times while a ratio is beyond --tolerance; each keeps its best.")
 def regress(bundle, baseline, tolerance, as_json, best_of):
     """Rerun the bench with the baseline's settings; exit 1 if a ratio is worse beyond --tolerance."""
-    from .bench import best_rows, compare, compare_table, read_baseline, run_bench
+    from .bench import best_rows, compare, compare_table, other_cpu_note, read_baseline, run_bench
 
     if tolerance < 0:
         raise ArleError("--tolerance must be a percentage of 0 or more.")
@@ -167,6 +167,9 @@ def regress(bundle, baseline, tolerance, as_json, best_of):
     if current["machine"]["threads"] != base["machine"]["threads"]:
         click.echo(f"note: the baseline ran on {base['machine']['threads']} threads, this run on "
                    f"{current['machine']['threads']} (set ARLE_THREADS to match)", err=True)
+    note = other_cpu_note(base, current)
+    if note:
+        click.echo(note, err=True)
     regressed = any(r["regressed"] for r in rows)
     if as_json:
         click.echo(json.dumps({"tolerance_pct": tolerance, "regressed": regressed, "runs": runs, "rows": rows},

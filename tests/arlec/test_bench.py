@@ -44,12 +44,14 @@ def test_regress_passes_against_a_baseline_from_the_same_machine(baseline, defau
                    env={"ARLE_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "REGRESSED" not in proc.stdout
+    assert "another kind" not in proc.stderr and "baseline was made on" not in proc.stderr, proc.stderr
     assert proc.stdout.splitlines()[0].split() == ["metric", "baseline", "current", "worse", "by", "verdict"]
 
 
 def test_regress_exits_1_with_a_table_when_a_ratio_got_worse(baseline, default_bundle, tmp_path):
     path, result, _ = baseline
     result["ratios"]["decode_tok_s"] *= 100  # the baseline decoded 100x faster than anything can now
+    result["machine"].update(cpu="Imaginary CPU 9000", cpu_features=["avx512f", "amx_tile"])
     doctored = tmp_path / "doctored.json"
     doctored.write_text(json.dumps(result))
     proc = run_cli("arlec", "regress", str(default_bundle), "--baseline", str(doctored), env={"ARLE_THREADS": "1"})
@@ -57,6 +59,7 @@ def test_regress_exits_1_with_a_table_when_a_ratio_got_worse(baseline, default_b
     row = next(line for line in proc.stdout.splitlines() if line.startswith("decode_tok_s"))
     assert row.endswith("REGRESSED")
     assert "worse than the baseline by more than 25%" in proc.stdout
+    assert "note: the baseline was made on Imaginary CPU 9000 (avx512f, amx_tile), this run is on" in proc.stderr
 
 
 def test_compare_knows_which_direction_is_worse():
@@ -67,6 +70,17 @@ def test_compare_knows_which_direction_is_worse():
     assert not rows["ttft_s"]["regressed"] and rows["ttft_s"]["worse_pct"] == pytest.approx(-50)
     assert not rows["itl_p99_s"]["regressed"]
     assert "1 of 6 ratio metrics" in compare_table(list(rows.values()), 25)
+
+
+def test_the_cpu_note_needs_a_recorded_cpu_that_differs():
+    from arlec.bench import cpu_facts, other_cpu_note
+
+    here = {"machine": cpu_facts()}
+    assert here["machine"]["cpu"] and isinstance(here["machine"]["cpu_features"], list)
+    assert other_cpu_note(here, here) is None
+    assert other_cpu_note({"machine": {"threads": 1}}, here) is None  # a baseline from before the record
+    other = {"machine": {"cpu": here["machine"]["cpu"], "cpu_features": ["sve"]}}
+    assert "(sve)" in other_cpu_note(other, here)
 
 
 def test_regress_with_a_missing_baseline_is_a_clean_error(default_bundle, tmp_path):
