@@ -409,7 +409,8 @@ def test_gguf_written_as_llama_cpp_does_loads_like_the_hf_folder(case, request, 
     assert ours.tensors.keys() == theirs.tensors.keys()  # the MTP layer (blk.4) is skipped
     # The file really is rewritten: tiled value heads, -exp(A_log), 1 + w norms.
     assert not torch.equal(written["blk.0.attn_gate.weight"], theirs.tensors["layers.0.linear_attn.in_proj_z.weight"])
-    assert torch.equal(written["blk.0.ssm_a"].sort().values, (-theirs.tensors["layers.0.linear_attn.A_log"].exp()).sort().values)
+    a_log = theirs.tensors["layers.0.linear_attn.A_log"]
+    assert torch.equal(written["blk.0.ssm_a"].sort().values, (-a_log.exp()).sort().values)
     for name, expected in theirs.tensors.items():
         got = ours.tensors[name]
         assert got.shape == expected.shape, name
@@ -458,6 +459,7 @@ def test_qwen35_gguf_tokenizer_splits_as_transformers_qwen3_5_tokenizer(request,
                                                             for m in model["merges"]])
     texts = ["नमस्ते दुनिया, आप कैसे हैं?", "สวัสดีครับ ผมชื่ออเล็กซ์", "Hello world 12345, it's fine.",
              "naïve café — “quotes”", "def f(x):\n    return x  # ok\n"]
+
     def pieces(tokenizer, text):
         return [p for p, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text)]
 
