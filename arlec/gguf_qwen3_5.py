@@ -64,11 +64,9 @@ OFFSET_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_
 
 
 def tensor_name(name: str, num_layers: int) -> str | None:
-    """The arle name of a GGUF tensor; "" for one that is deliberately skipped (an MTP
-    layer's), None for one that has no place in the model."""
-    if name in ("token_embd.weight", "output_norm.weight", "output.weight"):
-        return {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
-                "output.weight": "lm_head.weight"}[name]
+    """The arle name of a layer's GGUF tensor (blk.N.*; the others are named as for every
+    architecture); "" for one that is deliberately skipped (an MTP layer's), None for one
+    that has no place in the model."""
     parts = name.split(".", 2)
     if len(parts) < 3 or parts[0] != "blk" or not parts[1].isdigit():
         return None
@@ -135,8 +133,6 @@ def to_hf_layout(tensors: dict[str, torch.Tensor], config) -> None:
             tensors[name] = tensors[name].unsqueeze(1)
         elif name.endswith("mlp.shared_expert_gate.weight"):
             tensors[name] = tensors[name].reshape(1, -1)
-        elif name.endswith("mlp.experts.down_proj.weight"):  # beside a fused ffn_gate_up_exps stack
-            tensors[name.removesuffix(".weight")] = tensors.pop(name)
     k_heads, v_heads = config.linear_num_key_heads, config.linear_num_value_heads
     if k_heads == v_heads:
         return

@@ -161,9 +161,10 @@ def fuse_expert_tensors(tensors: dict[str, torch.Tensor]) -> None:
     """MoE expert weights into arle's (transformers' in-memory) layout, in place:
     layers.L.mlp.experts.gate_up_proj [E, 2I, H] and .down_proj [E, H, I].
 
-    Accepts HF checkpoints' per-expert matrices (layers.L.mlp.experts.N.gate_proj.weight)
-    and per-layer stacks (layers.L.mlp.experts.gate_proj.weight [E, I, H], what GGUF's
-    ffn_*_exps hold); checkpoints already in the fused layout pass through."""
+    Accepts HF checkpoints' per-expert matrices (layers.L.mlp.experts.N.gate_proj.weight),
+    per-layer stacks (layers.L.mlp.experts.gate_proj.weight [E, I, H], what GGUF's
+    ffn_*_exps hold) and a fused gate_up stack beside a down stack; checkpoints already in
+    the fused layout pass through."""
     per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name in [n for n in tensors if _EXPERT.fullmatch(n)]:
         prefix, index, proj = _EXPERT.fullmatch(name).groups()
@@ -181,6 +182,10 @@ def fuse_expert_tensors(tensors: dict[str, torch.Tensor]) -> None:
             raise ArleError(f"The model source has gate weights for {prefix} but not its up or down weights.")
         tensors[f"{prefix}.gate_up_proj"] = torch.cat((tensors.pop(name), up), dim=1)
         tensors[f"{prefix}.down_proj"] = down
+    # A fused gate_up stack (GGUF ffn_gate_up_exps) beside a down stack (ffn_down_exps).
+    for name in [n for n in tensors if n.endswith(".mlp.experts.down_proj.weight")]:
+        if name.removesuffix(".down_proj.weight") + ".gate_up_proj" in tensors:
+            tensors[name.removesuffix(".weight")] = tensors.pop(name)
 
 
 def _with_eos(config: ModelConfig, eos: tuple[int, ...]) -> ModelConfig:
@@ -292,42 +297,43 @@ def load_gguf(path: Path) -> ModelSpec:
     rope = _gguf_rope(meta)
     block_count = int(meta("block_count"))
     hybrid = arch_name in gguf_qwen3_5.ARCHITECTURES
-    moe = {}
+    extra = {}  # the architecture's own fields; they override the common ones below
     if hybrid:
-        moe = gguf_qwen3_5.config_fields(meta, path, head_dim, block_count, moe=arch == "qwen3_5_moe")
+        extra = gguf_qwen3_5.config_fields(meta, path, head_dim, block_count, moe=arch == "qwen3_5_moe")
     elif arch == "qwen3_moe":
         # Dense layers (if any) are the ones without a router; llama.cpp always renormalises
         # the top-k weights for qwen3moe unless the file says otherwise.
         routed = {int(n.split(".")[1]) for n in names if n.endswith("ffn_gate_inp.weight")}
-        moe = dict(
+        extra = dict(
             num_experts=int(meta("expert_count")),
             num_experts_per_tok=int(meta("expert_used_count")),
             moe_intermediate_size=int(meta("expert_feed_forward_length")),
             norm_topk_prob=bool(meta("expert_weights_norm", True)),
             mlp_only_layers=tuple(n for n in range(block_count) if n not in routed),
         )
-    config = ModelConfig(
-        architecture=arch,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(moe.pop("intermediate_size") if "intermediate_size" in moe
-                              else meta("feed_forward_length", 0 if moe else None)),
-        num_layers=moe.pop("num_layers", block_count),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=int(meta("context_length", 2048)),
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        tie_word_embeddings="output.weight" not in names,
-        rope=rope,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=eos_ids,
-        **moe,
-    )
+    config = ModelConfig(**{
+        "architecture": arch,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("feed_forward_length", 0 if "num_experts" in extra else None)),
+        "num_layers": block_count,
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "rope": rope,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_ids": eos_ids,
+        **extra,
+    })
 
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = gguf_qwen3_5.tensor_name(t.name, config.num_layers) if hybrid else gguf_tensor_name(t.name)
+        name = gguf_tensor_name(t.name)
+        if hybrid and t.name.startswith("blk."):
+            name = gguf_qwen3_5.tensor_name(t.name, config.num_layers)
         if name == "":  # a multi-token-prediction layer of a Qwen3.5 file: arle does not use it
             continue
         if name is None:

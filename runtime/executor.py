@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .bundle import Bundle
 from .errors import ArleError
@@ -46,15 +47,12 @@ class AotiProgram:
     are parsed once."""
 
     def __init__(self, loader):
-        from torch.utils import _pytree as pytree
-
         self.loader = loader
-        self._pytree = pytree
         self._out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
 
     def __call__(self, *args):
-        flat = [x for x in self._pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
-        return self._pytree.tree_unflatten(self.loader.boxed_run(flat), self._out_spec)
+        flat = [x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
+        return pytree.tree_unflatten(self.loader.boxed_run(flat), self._out_spec)
 
     def get_constant_fqns(self) -> list[str]:
         return self.loader.get_constant_fqns()
