@@ -125,11 +125,13 @@ def reference_outputs(model, prompt_ids: list[int], new_tokens: int) -> dict[str
         torch.zeros(1, dtype=torch.long, device=device), torch.tensor([T - 1], device=device),
         *model.empty_state(1),
     )
-    greedy = greedy_continuation(model, logits[0], k, v, T, new_tokens, state)
+    margins: list[float] = []
+    greedy = greedy_continuation(model, logits[0], k, v, T, new_tokens, state, margins)
     return {
         "prompt_ids": torch.tensor(prompt_ids, dtype=torch.long),
         "last_logits": logits[0].float().cpu().clone(),
         "greedy_ids": torch.tensor(greedy, dtype=torch.long),
+        "greedy_margins": torch.tensor(margins, dtype=torch.float32),  # top-1 minus top-2 logit per step
     }
 
 

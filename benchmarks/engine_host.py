@@ -68,7 +68,8 @@ class HostOnlyExecutor(CudaGraphExecutor):
         self._turn, self._sharded = 0, False
         self._state, self._state_scratch = (), 0
         self._feed = torch.zeros(FEED_ROWS, dtype=torch.long)
-        self.route, self.use_graphs, self.model_s = {}, False, 0.0
+        self.route, self.use_graphs, self.lazy, self.model_s = {}, False, False, 0.0
+        self._k_pool = None
         self.decode_programs = {"decode_paged": max_batch}
         self._forced = None
         self._graphs, self._inputs = {}, {}

@@ -68,6 +68,7 @@ class CudaGraphExecutor(AotiExecutor):
         self.page_size = decode["page_size"]
         self.table_width = decode["page_table_width"]
         self._inputs: dict[int, torch.Tensor] = {}  # bucket -> its graphs' device input buffer
+        self._k_pool: torch.Tensor | None = None  # bind_kv_pool
         # (program, bucket) -> (graph or None when graphs are off, its logits output)
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         # Two pinned input buffers taking turns: with the engine's lookahead a step's inputs
@@ -192,7 +193,7 @@ class CudaGraphExecutor(AotiExecutor):
             positions = torch.arange(width, device=self.device).expand(rows, width).contiguous()
             empty = torch.zeros(self.cache_shape(rows, 0), dtype=self.compute_dtype, device=self.device)
             zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
-            self.prefill(ids, positions, empty, empty, zeros, zeros + width - 1)
+            self.prefill(ids, positions, empty, empty, zeros, zeros + width - 1, *self.empty_state(rows))
             rows *= 2
         torch.cuda.synchronize()
 
@@ -267,7 +268,7 @@ class CudaGraphExecutor(AotiExecutor):
         pool. With `feed`, row i's token is the feed buffer's row feed[i] (set_feed); a
         hybrid model's rows read and write their state rows `state_slots`."""
         n = len(tokens)
-        if not self._graphs:
+        if self._k_pool is None:  # lazy capture leaves _graphs empty until a batch needs one
             raise ArleError("decode_paged needs bind_kv_pool first.")
         if not 1 <= n <= self.decode_buckets[-1]:
             raise ArleError(f"A batch of {n} is outside this bundle's range 1..{self.decode_buckets[-1]}.")

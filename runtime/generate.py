@@ -168,15 +168,20 @@ def generate(
 
 
 @torch.no_grad()
-def greedy_continuation(decode_step, logits, k, v, next_pos: int, count: int, state=()) -> list[int]:
+def greedy_continuation(decode_step, logits, k, v, next_pos: int, count: int, state=(),
+                        margins: list[float] | None = None) -> list[int]:
     """Greedy tokens from first-step logits [V] using any callable with the step contract
     (an executor's decode or an eager model): the shared check of compiled vs reference.
-    `state`: a hybrid model's linear-attention state after the prompt."""
+    `state`: a hybrid model's linear-attention state after the prompt. `margins`, if given,
+    gets each step's gap between the top two logits (how close that choice was to a tie)."""
     tokens = []
     device = k.device
     for i in range(count):
         tok = int(logits.argmax())
         tokens.append(tok)
+        if margins is not None:
+            top = logits.float().topk(2).values
+            margins.append(float(top[0] - top[1]))
         if i == count - 1:
             break
         pos = next_pos + i

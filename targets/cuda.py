@@ -295,7 +295,7 @@ class CudaTarget:
             warnings.warn(f"decode_fused was not built ({type(e).__name__}: {e}); decode_paged serves every batch")
             (out_dir / "cuda" / "decode_fused.pt2").unlink(missing_ok=True)
             path.unlink()
-            return f"compile failed: {type(e).__name__}: {str(e)[:500]}"
+            return f"compile failed: {type(e).__name__}: {compile_error_lines(str(e))}"
         return {
             "path": "cuda/decode_fused.pt2",
             "format": "aoti",
@@ -306,3 +306,12 @@ class CudaTarget:
             "kernels": [str(path.relative_to(out_dir))],
             "kernel_spec": {k: v for k, v in spec.variables().items() if k != "configs"},
         }
+
+
+def compile_error_lines(message: str, limit: int = 1500) -> str:
+    """The part of a compile error worth keeping: a C++ compile error starts with the long
+    compiler command, so keep the compiler's own `error:` lines (and the line after each)."""
+    lines = message.splitlines()
+    picked = [line for i, line in enumerate(lines) if "error:" in line or i and "error:" in lines[i - 1]]
+    return ("\n".join(picked) if picked else message)[:limit]
+
