@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import random
 import sys
@@ -145,9 +146,14 @@ def serve_stand_in(bundle_path: Path, port: int, gpu_ms: float) -> None:
     serve(session, port=port, log_level="warning")
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int, gpu_ms: float) -> list[dict]:
     import asyncio
-    import os
 
     import httpx
     from serve_load import Server, free_port, prompt_texts, run_level, summarize
@@ -164,9 +170,14 @@ def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_
             for c in levels:
                 prompts = prompt_texts(tokenizer, 4 * c, prompt_tokens)
                 await run_level(client, server, prompts[:c], c, 8, None)  # warm-up burst
+                cpu_before = process_cpu_s(server.proc.pid)
                 records, wall = await run_level(client, server, prompts, c, new_tokens, None)
+                cpu = process_cpu_s(server.proc.pid) - cpu_before
                 s = summarize(records, wall, c)
+                tokens = s["output_tok_s"] * wall
                 points.append({"concurrency": c, "output_tok_s": round(s["output_tok_s"], 1),
+                               # less sensitive to a busy machine than tok/s: the server's own CPU time
+                               "server_cpu_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
                                "itl_ms_p50": round(s["itl_ms"]["p50"], 3), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 2),
                                "errors": s["errors"], "requests": s["requests"]})
                 print(f"server c{c}: {points[-1]}")
