@@ -314,4 +314,3 @@ def compile_error_lines(message: str, limit: int = 1500) -> str:
     lines = message.splitlines()
     picked = [line for i, line in enumerate(lines) if "error:" in line or i and "error:" in lines[i - 1]]
     return ("\n".join(picked) if picked else message)[:limit]
-

@@ -202,7 +202,8 @@ def assert_greedy_equals_transformers(bundle: Path, checkpoint: Path, max_tokens
     ids = torch.tensor([prompt], device="cuda")
     theirs = model.generate(ids, max_new_tokens=len(ours), do_sample=False)[0, ids.shape[1]:].tolist()[: len(ours)]
     if ours != theirs:
-        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        assert first is not None, f"one stopped early: arle {len(ours)} tokens, transformers {len(theirs)}"
         with torch.no_grad():
             row = model(torch.tensor([prompt + theirs[:first]], device="cuda")).logits[0, -1].float()
         tol = json.loads((bundle / "manifest.json").read_text())["reference"]["logits_atol"]
