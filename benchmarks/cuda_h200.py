@@ -127,12 +127,12 @@ def prompt_logits(executor, ids: list[int]) -> torch.Tensor:
     return logits[0].float().cpu()
 
 
-def graph_replay_ms(executor, replays: int = 300) -> dict:
+def graph_replay_ms(executor, replays: int = 300, buckets=(1, 8, 16, 64)) -> dict:
     """GPU time of one decode step per bucket: graph replays queued back to back, so the
     host is never the bottleneck. Against the engine's per-token time this splits GPU
     work from host work (scheduling, input copy, sampling)."""
     return {f"graph_replay_ms_{p}_bs{b}": round(executor.replay_time_ms(b, replays, p), 4)
-            for (p, b), (graph, _) in sorted(executor._graphs.items()) if b in (1, 8, 16, 64) and graph is not None}
+            for (p, b), (graph, _) in sorted(executor._graphs.items()) if b in buckets and graph is not None}
 
 
 def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS) -> dict:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -24,14 +28,12 @@ def main() -> None:
     os.environ["ARLE_CUDA_GRAPHS"] = "1"  # capture every bucket at load
     from arle_runtime.engine import Engine, EngineConfig
     from arle_runtime.session import Session
+    from cuda_h200 import graph_replay_ms
 
     session = Session.open(args.bundle, verify=False)
     executor = session.executor
     Engine(executor, session.tokenizer, (), EngineConfig(max_batch=64))  # binds the pool: captures the graphs
-    wanted = {int(b) for b in args.buckets.split(",")}
-    out = {f"{program}/bs{bucket}": round(executor.replay_time_ms(bucket, args.replays, program), 4)
-           for (program, bucket), (graph, _) in sorted(executor._graphs.items())
-           if bucket in wanted and graph is not None}
+    out = graph_replay_ms(executor, args.replays, {int(b) for b in args.buckets.split(",")})
     out["blas"] = "cublaslt" if os.environ.get("TORCH_BLAS_PREFER_CUBLASLT") == "1" else "default"
     print(json.dumps(out))
 
