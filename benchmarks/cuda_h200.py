@@ -135,9 +135,10 @@ def graph_replay_ms(executor, replays: int = 300, buckets=(1, 8, 16, 64)) -> dic
             for (p, b), (graph, _) in sorted(executor._graphs.items()) if b in buckets and graph is not None}
 
 
-def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS) -> dict:
+def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS, one_process: bool = False) -> dict:
     """Output tok/s, TTFT and ITL through `arle-runtime serve` on loopback (benchmarks/serve_load.py's
-    closed-loop client); needs starlette and uvicorn (carry their wheels to the GPU machine)."""
+    closed-loop client); needs starlette and uvicorn (carry their wheels to the GPU machine).
+    `one_process`: `serve --one-process` (the engine in the server's process), keys suffixed so."""
     import asyncio
 
     import httpx
@@ -145,7 +146,8 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
 
     port = free_port()
     exe = shutil.which("arle-runtime") or Path(sys.executable).with_name("arle-runtime")  # PATH first: benchmarks/gpu_env.sh
-    server = Server("arle", [str(exe), "serve", str(bundle), "--port", str(port), "--max-batch", "64", "--no-verify"],
+    server = Server("arle", [str(exe), "serve", str(bundle), "--port", str(port), "--max-batch", "64", "--no-verify",
+                             *(["--one-process"] if one_process else [])],
                     port, dict(os.environ), Path("/tmp/arle-serve.log"))
     out = {}
 
@@ -170,6 +172,8 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
         asyncio.run(go())
     finally:
         server.stop()
+    if one_process:
+        return {f"{k}_one_process": v for k, v in out.items()}
     if "ttft_ms_p50_c1" in out:  # the issue's ttft/itl keys: one client, through the server
         out["ttft_ms_p50"], out["itl_ms_p50"] = out["ttft_ms_p50_c1"], out["itl_ms_p50_c1"]
     return out
@@ -238,6 +242,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: build,cold,engine,nographs,server,hf")
     parser.add_argument("--no-hf-compile", action="store_true")
     parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
+    parser.add_argument("--server-one-process", action="store_true",
+                        help="with --server: also c16/c64 through `serve --one-process`, for the ratio")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
     parser.add_argument("--resume", action="store_true",
                         help="start from the --out file of an earlier run (split a run over two GPU calls)")
@@ -301,6 +307,8 @@ def main() -> None:
         phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile, result.get("greedy_ids")))
     if args.server and "server" not in skip:
         phase("server", lambda: server_numbers(bundle))
+        if args.server_one_process:
+            phase("server_one_process", lambda: server_numbers(bundle, (16, 64), one_process=True))
     ours_logits, hf_logits = result.pop("prompt_logits", None), result.pop("hf_logits", None)
     if ours_logits is not None and hf_logits is not None:
         result["prompt_logits_rel_error_vs_transformers"] = round(

@@ -13,7 +13,8 @@ measures is the host time that sits between two GPU steps. It runs on any CPU.
 The bundle only lends its tokenizer and name (detokenizing is part of the host work).
 Each engine point is the best of `--repeats` runs; `--profile` prints where the time
 goes. `--server` starts `arle-runtime serve`'s own app in a subprocess over the same
-stand-in and drives it with benchmarks/serve_load.py's closed-loop streaming client:
+stand-in (the engine in a process of its own, as `serve` runs it; `--one-process` keeps it
+in the server's) and drives it with benchmarks/serve_load.py's closed-loop streaming client:
 output tok/s there is what the HTTP layer and the engine together can feed per second
 when the GPU costs nothing (on 2 cores the client competes for the CPU; compare runs of
 the same machine only).
@@ -29,6 +30,7 @@ import pstats
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -134,32 +136,46 @@ def run_once(tokenizer, batch: int, prompt_len: int, new_tokens: int, profile: b
             "stand_in_ms_per_step": round(executor.model_s / steps * 1000, 3)}
 
 
-def serve_stand_in(bundle_path: Path, port: int, gpu_ms: float) -> None:
-    """The server subprocess: `arle-runtime serve`'s app over the stand-in executor."""
-    from arle_runtime.server import serve
+def stand_in_session(bundle_path: Path, gpu_ms: float):
+    """A Session over the stand-in executor (made in the engine's process)."""
     from arle_runtime.session import Session
 
     torch.set_num_threads(1)
     bundle = load_bundle(bundle_path, verify=False)
-    executor = HostOnlyExecutor(gpu_ms=gpu_ms)
-    session = Session(bundle, executor, None, EngineConfig(max_batch=64, kv_pages=64 * 4096 // 16))
+    return Session(bundle, HostOnlyExecutor(gpu_ms=gpu_ms), None, EngineConfig(max_batch=64, kv_pages=64 * 4096 // 16))
+
+
+def serve_stand_in(bundle_path: Path, port: int, gpu_ms: float, one_process: bool) -> None:
+    """The server subprocess: `arle-runtime serve`'s app over the stand-in executor, the
+    engine in a process of its own as `serve` runs it (or in the server's, --one-process)."""
+    from arle_runtime.engine_process import RemoteSession
+    from arle_runtime.server import serve
+
+    open_session = partial(stand_in_session, bundle_path, gpu_ms)
+    session = open_session() if one_process else RemoteSession.start(bundle_path, open_session)
     serve(session, port=port, log_level="warning")
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
+def process_cpu_s(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds a process (and its children) have used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if children:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += sum(process_cpu_s(int(child)) for child in (task / "children").read_text().split())
+    return total
 
 
-def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int, gpu_ms: float) -> list[dict]:
+def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int, gpu_ms: float,
+                  one_process: bool) -> list[dict]:
     import asyncio
 
     import httpx
     from serve_load import Server, free_port, prompt_texts, run_level, summarize
 
     port = free_port()
-    command = [sys.executable, __file__, str(bundle_path), "--serve-port", str(port), "--gpu-ms", str(gpu_ms)]
+    command = [sys.executable, __file__, str(bundle_path), "--serve-port", str(port), "--gpu-ms", str(gpu_ms),
+               *(["--one-process"] if one_process else [])]
     server = Server("arle", command, port, dict(os.environ), Path("/tmp/arle-engine-host-serve.log"))
     tokenizer = load_bundle(bundle_path, verify=False).tokenizer
     points = []
@@ -170,14 +186,17 @@ def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_
             for c in levels:
                 prompts = prompt_texts(tokenizer, 4 * c, prompt_tokens)
                 await run_level(client, server, prompts[:c], c, 8, None)  # warm-up burst
-                cpu_before = process_cpu_s(server.proc.pid)
+                cpu_before, http_before = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, False)
                 records, wall = await run_level(client, server, prompts, c, new_tokens, None)
                 cpu = process_cpu_s(server.proc.pid) - cpu_before
+                http = process_cpu_s(server.proc.pid, False) - http_before
                 s = summarize(records, wall, c)
                 tokens = s["output_tok_s"] * wall
                 points.append({"concurrency": c, "output_tok_s": round(s["output_tok_s"], 1),
                                # less sensitive to a busy machine than tok/s: the server's own CPU time
                                "server_cpu_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
+                               # of which the HTTP process's (all of it with --one-process)
+                               "http_process_cpu_us_per_token": round(http / max(tokens, 1) * 1e6, 1),
                                "itl_ms_p50": round(s["itl_ms"]["p50"], 3), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 2),
                                "errors": s["errors"], "requests": s["requests"]})
                 print(f"server c{c}: {points[-1]}")
@@ -202,11 +221,13 @@ def main() -> None:
     parser.add_argument("--levels", default="16,64", help="server concurrency levels")
     parser.add_argument("--gpu-ms", type=float, default=0.0,
                         help="server: sleep this long per decode step, as a wait on the GPU would (GIL released)")
+    parser.add_argument("--one-process", action="store_true",
+                        help="server: the engine in the server's process (serve --one-process), not its own")
     parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.serve_port:
-        return serve_stand_in(args.bundle, args.serve_port, args.gpu_ms)
+        return serve_stand_in(args.bundle, args.serve_port, args.gpu_ms, args.one_process)
     torch.set_num_threads(1)
     tokenizer = load_bundle(args.bundle, verify=False).tokenizer
     points = []
@@ -222,11 +243,11 @@ def main() -> None:
     server = []
     if args.server:
         server = server_points(args.bundle, [int(c) for c in args.levels.split(",")], args.prompt_tokens, args.new_tokens,
-                               args.gpu_ms)
+                               args.gpu_ms, args.one_process)
     if args.out:
         result = {"machine": cpu_name(), "torch": torch.__version__, "threads": 1,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                  "gpu_ms": args.gpu_ms, "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
+                  "gpu_ms": args.gpu_ms, "engine_process": not args.one_process, "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

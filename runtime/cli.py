@@ -216,11 +216,16 @@ def agent(bundle, url, api_key, model, system, max_tokens, temperature, top_p, t
               help="Tokens fed per engine step, decodes and prefill chunks together (default: max batch + the "
                    "bundle's prefill chunk; on cuda max batch + 2048). Lower it to cut the inter-token latency spikes of long prefills.")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the bundle files at load.")
-def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv_pages, max_batched_tokens, no_verify):
+@click.option("--engine-process/--one-process", default=True, show_default=True,
+              help="Run the engine in a process of its own, so the HTTP layer and the engine loop do not share "
+                   "one Python GIL (--one-process: both in this process, as before).")
+def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv_pages, max_batched_tokens, no_verify,
+          engine_process):
     """Serve BUNDLE over an OpenAI-compatible HTTP API."""
+    from functools import partial
+
     from .engine import EngineConfig
     from .server import serve as run_server
-    from .session import Session
 
     if max_batch is not None and max_batch < 1:
         raise ArleError(f"--max-batch must be at least 1, got {max_batch}.")
@@ -231,13 +236,27 @@ def serve(bundle, host, port, api_key, max_batch, max_queue, request_timeout, kv
     _check_kv_pages(kv_pages)
     config = EngineConfig(max_batch=max_batch, max_waiting=max_queue, kv_pages=kv_pages,
                           max_num_batched_tokens=max_batched_tokens)
-    session = Session.open(bundle, verify=not no_verify, engine_config=config)
-    batch = max_batch or session.executor.limits.max_batch
-    if max_batched_tokens is not None and max_batched_tokens < batch:
-        raise ArleError(f"--max-batched-tokens must be at least the batch size ({batch}): every running "
-                        f"request decodes one token per step; got {max_batched_tokens}.")
-    _check_kv_memory(session, kv_pages)
+    open_session = partial(open_serving_session, bundle, not no_verify, config)
+    if engine_process:
+        from .engine_process import RemoteSession
+
+        session = RemoteSession.start(bundle, open_session)
+    else:
+        session = open_session()
     run_server(session, host, port, api_key=api_key, request_timeout=request_timeout)
+
+
+def open_serving_session(bundle, verify: bool, config):
+    """Load BUNDLE for `serve` and check the engine settings against it (in the engine's process)."""
+    from .session import Session
+
+    session = Session.open(bundle, verify=verify, engine_config=config)
+    batch = config.max_batch or session.limits.max_batch
+    if config.max_num_batched_tokens is not None and config.max_num_batched_tokens < batch:
+        raise ArleError(f"--max-batched-tokens must be at least the batch size ({batch}): every running "
+                        f"request decodes one token per step; got {config.max_num_batched_tokens}.")
+    _check_kv_memory(session, config.kv_pages)
+    return session
 
 
 @cli.command("serve-ray")

@@ -15,3 +15,13 @@ class ArleError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+    def __reduce__(self):
+        # Pickled whole (subclass, param, code): the engine process sends its errors to the server's.
+        return _rebuild, (type(self), self.message, self.param, self.code)
+
+
+def _rebuild(cls: type, message: str, param: str | None, code: str | None) -> ArleError:
+    err = Exception.__new__(cls)
+    ArleError.__init__(err, message, param=param, code=code)
+    return err

@@ -4,8 +4,10 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON or SSE streamin
 GET /v1/models, GET /healthz (the process answers), GET /readyz (200 once the engine
 is loaded and one warm-up generation ran), GET /metrics (Prometheus text).
 
-Every generation goes through the session's BackgroundEngine (its own thread); handlers
-consume request streams with `async for`, so the event loop never blocks on the model.
+Every generation goes through the session's engine: under `arle-runtime serve` a process
+of its own (runtime/engine_process.py: the HTTP layer and the engine loop then do not
+share a GIL), elsewhere (Ray replicas, tests) a BackgroundEngine thread in this process.
+Handlers consume request streams with `async for`, so the event loop never blocks on it.
 A client that goes away cancels its request; a per-request timeout bounds every one.
 Chat requests with `tools` get `tool_calls` back, parsed from the model's Qwen/Hermes
 <tool_call> blocks (runtime/tool_calls.py), streamed as soon as each call is complete.
@@ -29,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .engine.background import STOPPED
 from .engine.scheduler import QueueFullError
 from .errors import ArleError
 from .sampler import SamplingParams
@@ -55,6 +58,8 @@ class HTTPError(Exception):
 def _from_arle(e: ArleError) -> HTTPError:
     if isinstance(e, QueueFullError):
         return HTTPError(429, e.message, "rate_limit_error", e.param, e.code or "queue_full")
+    if e.code == STOPPED:
+        return HTTPError(503, e.message, "server_error", e.param, e.code)
     return HTTPError(400, e.message, "invalid_request_error", e.param, e.code)
 
 
@@ -226,7 +231,7 @@ class ServerState:
     async def _warm(self) -> None:
         try:
             ids = self.session.encode("Hello") or [0]
-            stream = self.engine.submit(ids, SamplingParams(max_tokens=1, temperature=0.0))
+            stream = await self.engine.submit_async(ids, SamplingParams(max_tokens=1, temperature=0.0))
             async for out in stream:
                 if out.finished and out.error:
                     raise ArleError(out.error)
@@ -312,7 +317,7 @@ class ServerState:
                 logprobs = _field(body, "logprobs", int, None)
         except ArleError as e:
             raise _from_arle(e) from None
-        limits = self.session.executor.limits
+        limits = self.session.limits
         params = _sampling(body, len(prompt_ids), limits.max_context, logprobs)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return _Job(kind, f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time()), self.model, prompt_ids, params,
@@ -347,7 +352,7 @@ class ServerState:
     async def outputs(self, job: _Job, stream, request: Request):
         """The request's outputs, with metrics, the timeout, and cancel on disconnect/exit."""
         watcher = asyncio.create_task(self._watch_disconnect(request, stream.request_id))
-        last, cancelled = None, True  # until a final output that is not an abort
+        last, cancelled, finished = None, True, False  # cancelled until a final output that is not an abort
         try:
             async with asyncio.timeout(self.request_timeout):
                 async for out in stream:
@@ -359,7 +364,7 @@ class ServerState:
                             self.metrics.itl.observe(now - last)
                         last = now
                     if out.finished:
-                        cancelled = out.finish_reason == "abort"
+                        cancelled, finished = out.finish_reason == "abort", True
                         self._observe_end(job, out.result)
                     yield out
         except TimeoutError:
@@ -367,7 +372,8 @@ class ServerState:
                             "timeout_error", code="timeout") from None
         finally:
             watcher.cancel()
-            self.engine.cancel(stream.request_id)  # no-op once it finished
+            if not finished:  # the client went away, the timeout fired, or the server stops
+                self.engine.cancel(stream.request_id)
             self.live.discard(stream.request_id)
             if cancelled:
                 self.metrics.cancelled.inc()
@@ -380,20 +386,20 @@ class ServerState:
                     self.engine.cancel(rid)
                     return
 
-    def submit(self, job: _Job):
+    async def submit(self, job: _Job):
         if self.draining:
             raise HTTPError(503, "The server is shutting down.", "server_error", code="shutting_down")
         if not self.ready:
             raise HTTPError(503, "The server is still warming up; retry shortly.", "server_error", code="not_ready")
         try:
-            stream = self.engine.submit(job.prompt_ids, job.params)
+            stream = await self.engine.submit_async(job.prompt_ids, job.params)
         except ArleError as e:
             raise _from_arle(e) from None
         self.live.add(stream.request_id)
         return stream
 
     async def complete(self, job: _Job, request: Request) -> JSONResponse:
-        stream = self.submit(job)
+        stream = await self.submit(job)
         final, logprobs = None, []
         async for out in self.outputs(job, stream, request):
             if out.token is not None and job.params.logprobs is not None and out.logprob is not None:
@@ -508,7 +514,7 @@ def create_app(session, *, api_key: str | None = None, request_timeout: float = 
             state.check_auth(request)
             job = state.parse(await state.read_json(request), kind)
             if job.stream:
-                stream = state.submit(job)
+                stream = await state.submit(job)
                 return StreamingResponse(state.stream_events(job, stream, request), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return await state.complete(job, request)
@@ -533,14 +539,15 @@ def create_app(session, *, api_key: str | None = None, request_timeout: float = 
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        if state.ready and not state.draining:
+        if state.ready and not state.draining and state.engine.alive:
             return JSONResponse({"status": "ready", "model": state.model})
-        status = "draining" if state.draining else "loading"
+        status = "draining" if state.draining else "loading" if not state.ready else "engine stopped"
         return JSONResponse({"status": status}, status_code=503)
 
     async def metrics(request: Request) -> Response:
         if state.engine is not None:
-            state.metrics.refresh(state.engine.engine.stats())
+            with contextlib.suppress(ArleError):  # a stopped engine keeps its last figures
+                state.metrics.refresh(await state.engine.stats_async())
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager

@@ -15,8 +15,37 @@ from .generate import GenerationResult
 from .sampler import SamplingParams
 
 
+class Tokenizing:
+    """Prompt text to token ids, for anything holding a bundle and its chat template."""
+
+    bundle: Bundle
+    template: ChatTemplate | None
+
+    @property
+    def tokenizer(self):
+        return self.bundle.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        if self.template is None:
+            raise ArleError(f"Bundle {self.bundle.name} has no chat template; use raw completion (--raw).")
+        return self.template.render(messages, tools=tools)
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools))
+
+
+def chat_template(bundle: Bundle) -> ChatTemplate | None:
+    tok = bundle.manifest["tokenizer"]
+    if not bundle.chat_template:
+        return None
+    return ChatTemplate(bundle.chat_template, tok.get("bos_token"), tok.get("eos_token"))
+
+
 @dataclass
-class Session:
+class Session(Tokenizing):
     bundle: Bundle
     executor: Executor
     template: ChatTemplate | None
@@ -28,11 +57,11 @@ class Session:
     def open(cls, path: str | Path, verify: bool = True, engine_config: EngineConfig | None = None) -> "Session":
         bundle = load_bundle(path, verify=verify)
         executor = load_executor(bundle)
-        tok = bundle.manifest["tokenizer"]
-        template = None
-        if bundle.chat_template:
-            template = ChatTemplate(bundle.chat_template, tok.get("bos_token"), tok.get("eos_token"))
-        return cls(bundle, executor, template, engine_config or EngineConfig())
+        return cls(bundle, executor, chat_template(bundle), engine_config or EngineConfig())
+
+    @property
+    def limits(self):
+        return self.executor.limits
 
     @property
     def engine(self) -> Engine:
@@ -51,21 +80,6 @@ class Session:
         if self._background is not None:
             self._background.close()
             self._background = None
-
-    @property
-    def tokenizer(self):
-        return self.bundle.tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        if self.template is None:
-            raise ArleError(f"Bundle {self.bundle.name} has no chat template; use raw completion (--raw).")
-        return self.template.render(messages, tools=tools)
-
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self.encode(self.render_chat(messages, tools))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, on_text=None) -> GenerationResult:
         """One request through the engine; `on_text` receives text deltas as they become safe

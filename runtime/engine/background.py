@@ -16,12 +16,14 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 from ..errors import ArleError
 from ..sampler import SamplingParams
 from .llm_engine import Completion, Engine, RequestOutput
 
 log = logging.getLogger("arle.engine")
+STOPPED = "engine_stopped"  # the error code of a request refused because the engine is gone (HTTP 503)
 
 
 class RequestStream:
@@ -68,8 +70,12 @@ class RequestStream:
 
 
 class BackgroundEngine:
-    def __init__(self, engine: Engine):
+    """`deliver`, when given, receives every step's outputs instead of per-request streams
+    (the engine process forwards them to the server's process; runtime/engine_process.py)."""
+
+    def __init__(self, engine: Engine, deliver: Callable[[list[RequestOutput]], None] | None = None):
         self.engine = engine
+        self._sink = deliver
         self._streams: dict[int, RequestStream] = {}
         self._cond = threading.Condition()
         self._stopping = False
@@ -90,18 +96,30 @@ class BackgroundEngine:
         rid = self.engine.new_request_id()
         stream = RequestStream(rid, loop)
         with self._cond:
-            if not self.alive:
-                raise ArleError("The engine has stopped; restart the server.")
             self._streams[rid] = stream
         try:
-            self.engine.add_request(prompt_ids, params, request_id=rid)
+            self.enqueue(prompt_ids, params, rid)
         except BaseException:
             with self._cond:
                 self._streams.pop(rid, None)
             raise
+        return stream
+
+    async def submit_async(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        """submit() for the server, which also drives an engine in another process (there
+        the check of the request takes a round trip)."""
+        return self.submit(prompt_ids, params)
+
+    def enqueue(self, prompt_ids: list[int], params: SamplingParams, request_id: int) -> None:
+        """Queue a request whose outputs go to a stream or the `deliver` callback; wakes the loop."""
+        if not self.alive:
+            raise ArleError("The engine has stopped; restart the server.", code=STOPPED)
+        self.engine.add_request(prompt_ids, params, request_id=request_id)
         with self._cond:
             self._cond.notify()
-        return stream
+
+    async def stats_async(self) -> dict:
+        return self.engine.stats()
 
     def cancel(self, request_id: int) -> bool:
         """Abort a request (the client went away); its stream ends with finish_reason "abort"."""
@@ -158,6 +176,10 @@ class BackgroundEngine:
         """Hand a step's outputs to their streams: one wake-up per asyncio loop per step
         (call_soon_threadsafe writes to the loop's self-pipe; at 64 streams one call per
         output cost 64 syscalls and 64 loop wake-ups a step)."""
+        if self._sink is not None:
+            if outputs:
+                self._sink(outputs)
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         with self._cond:
             for out in outputs:

@@ -505,7 +505,7 @@ class _ScriptedSession:
         from arle_runtime.chat import ChatTemplate
 
         self.bundle = SimpleNamespace(name="scripted")
-        self.executor = SimpleNamespace(limits=SimpleNamespace(max_context=4096))
+        self.limits = SimpleNamespace(max_context=4096)
         self.template = ChatTemplate(SMOLLM2_TEMPLATE, None, None)
         self.reply, self.prompts = "", []
         self._ids = itertools.count()
@@ -519,11 +519,14 @@ class _ScriptedSession:
 
     def background(self):
         session = self
-        return SimpleNamespace(
-            engine=SimpleNamespace(stats=dict),
-            submit=lambda ids, params: _ScriptedStream(next(session._ids), session.reply, len(ids)),
-            cancel=lambda rid: False,
-        )
+
+        async def submit_async(ids, params):
+            return _ScriptedStream(next(session._ids), session.reply, len(ids))
+
+        async def stats_async():
+            return {}
+
+        return SimpleNamespace(alive=True, submit_async=submit_async, stats_async=stats_async, cancel=lambda rid: False)
 
     def close(self) -> None:
         pass
@@ -616,3 +619,22 @@ def test_tool_results_in_history_are_rendered(scripted):
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' \
         in prompt
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in prompt
+
+
+def test_a_dead_engine_process_makes_the_server_answer_503(tiny_bundle, tmp_path, model):
+    srv = Server(tiny_bundle, tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        children = [int(pid) for task in Path(f"/proc/{srv.proc.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        engine = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(engine) == 1, children
+        os.kill(engine[0], signal.SIGKILL)
+        _wait_for(lambda: httpx.get(srv.url + "/readyz", timeout=TIMEOUT).status_code == 503, 10, "readyz 503")
+        assert httpx.get(srv.url + "/readyz", timeout=TIMEOUT).json()["status"] == "engine stopped"
+        r = httpx.post(srv.url + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2},
+                       timeout=TIMEOUT)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
+        assert srv.proc.poll() is None  # the HTTP process stays up and says why
+    finally:
+        srv.stop()
