@@ -10,7 +10,8 @@ for pair in arlec:arlec arle_targets:targets arle_runtime:runtime arle_models:mo
   ln -sfn "$PWD/${pair#*:}" "/tmp/arle-pkgs/${pair%%:*}"
 done
 for pair in arlec:arlec.cli arle-runtime:arle_runtime.cli; do
-  printf '#!/usr/bin/env python3\nimport sys\nfrom %s import main\nsys.exit(main())\n' "${pair#*:}" > "/tmp/arle-bin/${pair%%:*}"
+  # The __main__ guard matters: `serve` spawns its engine process, which re-runs this script as __mp_main__.
+  printf '#!/usr/bin/env python3\nimport sys\nfrom %s import main\nif __name__ == "__main__":\n    sys.exit(main())\n' "${pair#*:}" > "/tmp/arle-bin/${pair%%:*}"
   chmod +x "/tmp/arle-bin/${pair%%:*}"
 done
 export PYTHONPATH="/tmp/arle-pkgs:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/arle-bin:$PATH"
