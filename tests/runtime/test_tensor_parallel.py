@@ -225,10 +225,12 @@ def test_tp2_engine_batches_several_sequences_like_tp1(tp2_bundle, tiny_bundle):
         torch.testing.assert_close(torch.tensor(tp2), torch.tensor(tp1), atol=1e-4, rtol=1e-4)
 
 
-def _children(pid: int) -> list[int]:
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ...: `serve` runs rank 0 in its engine process, a child of its own."""
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
+        for kid in (task / "children").read_text().split():
+            kids += [int(kid), *_descendants(int(kid))]
     return kids
 
 
@@ -262,7 +264,7 @@ def test_workers_exit_when_rank0_exits(tp2_bundle, how):
             time.sleep(0.5)
         body = {"model": "tiny-fp32-tp2", "prompt": "one two", "max_tokens": 4, "temperature": 0}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).status_code == 200
-        workers = [p for p in _children(server.pid) if "tensor_parallel" in Path(f"/proc/{p}/cmdline").read_text()]
+        workers = [p for p in _descendants(server.pid) if "tensor_parallel" in Path(f"/proc/{p}/cmdline").read_text()]
         assert len(workers) == 1
         server.send_signal(how)
         server.wait(timeout=30)
