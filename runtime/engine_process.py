@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .bundle import Bundle, load_bundle
 from .chat import ChatTemplate
-from .engine.background import STOPPED, BackgroundEngine, RequestStream, _put_all
+from .engine.background import STOPPED, BackgroundEngine, RequestStream, wake_loops
 from .engine.llm_engine import RequestOutput
 from .errors import ArleError
 from .executor import StepLimits
@@ -230,13 +230,7 @@ class EngineProcess:
                 stream = self._streams.pop(out.request_id) if out.finished else self._streams.get(out.request_id)
                 if stream is not None:
                     by_loop.setdefault(stream._loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the consumers' event loop is closed: nobody is listening
-                for _, out in items:
-                    if not out.finished:
-                        self.cancel(out.request_id)
+        wake_loops(by_loop, self.cancel)
 
     def _end_all(self, message: str) -> None:
         with self._lock:

@@ -190,13 +190,7 @@ class BackgroundEngine:
                     stream.put(out)
                 else:
                     by_loop.setdefault(stream._loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the consumers' event loop is closed: nobody is listening
-                for _, out in items:
-                    if not out.finished:
-                        self.engine.abort(out.request_id)
+        wake_loops(by_loop, self.engine.abort)
 
     def _put(self, stream: RequestStream, out: RequestOutput) -> None:
         try:
@@ -204,6 +198,19 @@ class BackgroundEngine:
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             if not out.finished:
                 self.engine.abort(out.request_id)
+
+
+def wake_loops(by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]],
+               abort: Callable[[int], object]) -> None:
+    """Queue each event loop's outputs with one call_soon_threadsafe; `abort` the live
+    requests of a loop that has closed (nobody is listening)."""
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:
+            for _, out in items:
+                if not out.finished:
+                    abort(out.request_id)
 
 
 def _put_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
