@@ -180,7 +180,8 @@ class EngineProcess:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine; requests still live end with an error."""
         if self._proc.is_alive():
-            self._send(("close",))
+            with contextlib.suppress(ArleError):  # it died meanwhile
+                self._send(("close",))
         self._stop(timeout)
 
     # the pipe
@@ -233,23 +234,15 @@ class EngineProcess:
         wake_loops(by_loop, self.cancel)
 
     def _end_all(self, message: str) -> None:
+        """The engine process is gone: fail the pending replies and end every live stream."""
         with self._lock:
             self._dead = self._dead or message
-            streams, self._streams = list(self._streams.values()), {}
+            live = list(self._streams)
             replies, self._replies = list(self._replies.values()), {}
         for reply in replies:
             with contextlib.suppress(concurrent.futures.InvalidStateError):
                 reply.set_exception(ArleError(message, code=STOPPED))
-        self._dispatch_final(streams, message)
-
-    @staticmethod
-    def _dispatch_final(streams: list[RequestStream], message: str) -> None:
-        for stream in streams:
-            out = RequestOutput(stream.request_id, None, "", True, "error", error=message)
-            try:
-                stream._loop.call_soon_threadsafe(stream._queue.put_nowait, out)
-            except RuntimeError:
-                pass
+        self._dispatch([RequestOutput(rid, None, "", True, "error", error=message) for rid in live])
 
     def _stop(self, timeout: float) -> None:
         self._proc.join(timeout)
