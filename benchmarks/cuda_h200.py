@@ -135,14 +135,16 @@ def graph_replay_ms(executor, replays: int = 300, buckets=(1, 8, 16, 64)) -> dic
             for (p, b), (graph, _) in sorted(executor._graphs.items()) if b in buckets and graph is not None}
 
 
-def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS, one_process: bool = False) -> dict:
+def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS, one_process: bool = False,
+                   client_processes: int = 8) -> dict:
     """Output tok/s, TTFT and ITL through `arle-runtime serve` on loopback (benchmarks/serve_load.py's
-    closed-loop client); needs starlette and uvicorn (carry their wheels to the GPU machine).
+    closed-loop clients, spread over `client_processes` processes: a single one spends ~170 us of CPU
+    per token and can be the limit at c64); needs starlette and uvicorn (carry their wheels to the GPU machine).
     `one_process`: `serve --one-process` (the engine in the server's process), keys suffixed so."""
     import asyncio
 
     import httpx
-    from serve_load import Server, free_port, run_level, summarize
+    from serve_load import Server, SpreadClients, free_port, summarize
 
     port = free_port()
     exe = shutil.which("arle-runtime") or Path(sys.executable).with_name("arle-runtime")  # PATH first: benchmarks/gpu_env.sh
@@ -151,26 +153,30 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
                     port, dict(os.environ), Path("/tmp/arle-serve.log"))
     out = {}
 
-    async def go():
+    async def ready():
         async with httpx.AsyncClient(timeout=600) as client:
             await server.wait_ready(client)
-            out["server_ready_s"] = round(server.load_s, 2)
-            for c in levels:
-                prompts = [" ".join(f"w{t}" for t in prompt_ids(5000 + c * 10 + i)) for i in range(2 * c)]
-                await run_level(client, server, prompts[:c], c, 8, None)  # warm-up burst
-                records, wall = await run_level(client, server, prompts, c, max_tokens, None)
-                summary = summarize(records, wall, c)
-                out[f"throughput_c{c}_tok_s"] = round(summary["output_tok_s"], 1)
-                out[f"ttft_ms_p50_c{c}"] = summary["ttft_ms"]["p50"]
-                out[f"itl_ms_p50_c{c}"] = summary["itl_ms"]["p50"]
-                out[f"errors_c{c}"] = summary["errors"]
-                if summary["errors"]:
-                    out[f"error_samples_c{c}"] = summary["error_samples"]
 
     server.start()
+    clients = SpreadClients(client_processes)
     try:
-        asyncio.run(go())
+        asyncio.run(ready())
+        out["server_ready_s"] = round(server.load_s, 2)
+        for c in levels:
+            prompts = [" ".join(f"w{t}" for t in prompt_ids(5000 + c * 10 + i)) for i in range(2 * c)]
+            clients.level(server.base, server.model, prompts[:c], c, 8)  # warm-up burst
+            records, wall, client_stats = clients.level(server.base, server.model, prompts, c, max_tokens)
+            summary = summarize(records, wall, c)
+            out[f"throughput_c{c}_tok_s"] = round(summary["output_tok_s"], 1)
+            out[f"ttft_ms_p50_c{c}"] = summary["ttft_ms"]["p50"]
+            out[f"itl_ms_p50_c{c}"] = summary["itl_ms"]["p50"]
+            out[f"errors_c{c}"] = summary["errors"]
+            out[f"client_cpu_busy_c{c}"] = client_stats["client_cpu_busy"]  # near 1.0: the clients were the limit
+            out[f"client_processes_c{c}"] = client_stats["client_processes"]
+            if summary["errors"]:
+                out[f"error_samples_c{c}"] = summary["error_samples"]
     finally:
+        clients.close()
         server.stop()
     if one_process:
         return {f"{k}_one_process": v for k, v in out.items()}
@@ -244,6 +250,8 @@ def main() -> None:
     parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
     parser.add_argument("--server-one-process", action="store_true",
                         help="with --server: also c16/c64 through `serve --one-process`, for the ratio")
+    parser.add_argument("--client-processes", type=int, default=8,
+                        help="with --server: load-client processes (a single one can be the limit at c64)")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
     parser.add_argument("--resume", action="store_true",
                         help="start from the --out file of an earlier run (split a run over two GPU calls)")
@@ -306,9 +314,10 @@ def main() -> None:
     if "hf" not in skip:
         phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile, result.get("greedy_ids")))
     if args.server and "server" not in skip:
-        phase("server", lambda: server_numbers(bundle))
+        phase("server", lambda: server_numbers(bundle, client_processes=args.client_processes))
         if args.server_one_process:
-            phase("server_one_process", lambda: server_numbers(bundle, (16, 64), one_process=True))
+            phase("server_one_process", lambda: server_numbers(bundle, (16, 64), one_process=True,
+                                                                 client_processes=args.client_processes))
     ours_logits, hf_logits = result.pop("prompt_logits", None), result.pop("hf_logits", None)
     if ours_logits is not None and hf_logits is not None:
         result["prompt_logits_rel_error_vs_transformers"] = round(

@@ -167,11 +167,11 @@ def process_cpu_s(pid: int, children: bool = True) -> float:
 
 
 def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int, gpu_ms: float,
-                  one_process: bool) -> list[dict]:
+                  one_process: bool, client_processes: int = 1) -> list[dict]:
     import asyncio
 
     import httpx
-    from serve_load import Server, free_port, prompt_texts, run_level, summarize
+    from serve_load import Server, SpreadClients, free_port, prompt_texts, summarize
 
     port = free_port()
     command = [sys.executable, __file__, str(bundle_path), "--serve-port", str(port), "--gpu-ms", str(gpu_ms),
@@ -180,31 +180,33 @@ def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_
     tokenizer = load_bundle(bundle_path, verify=False).tokenizer
     points = []
 
-    async def go():
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=512)) as client:
+    async def ready():
+        async with httpx.AsyncClient(timeout=600) as client:
             await server.wait_ready(client)
-            for c in levels:
-                prompts = prompt_texts(tokenizer, 4 * c, prompt_tokens)
-                await run_level(client, server, prompts[:c], c, 8, None)  # warm-up burst
-                cpu_before, http_before = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, False)
-                records, wall = await run_level(client, server, prompts, c, new_tokens, None)
-                cpu = process_cpu_s(server.proc.pid) - cpu_before
-                http = process_cpu_s(server.proc.pid, False) - http_before
-                s = summarize(records, wall, c)
-                tokens = s["output_tok_s"] * wall
-                points.append({"concurrency": c, "output_tok_s": round(s["output_tok_s"], 1),
-                               # less sensitive to a busy machine than tok/s: the server's own CPU time
-                               "server_cpu_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
-                               # of which the HTTP process's (all of it with --one-process)
-                               "http_process_cpu_us_per_token": round(http / max(tokens, 1) * 1e6, 1),
-                               "itl_ms_p50": round(s["itl_ms"]["p50"], 3), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 2),
-                               "errors": s["errors"], "requests": s["requests"]})
-                print(f"server c{c}: {points[-1]}")
 
     server.start()
+    clients = SpreadClients(client_processes)
     try:
-        asyncio.run(go())
+        asyncio.run(ready())
+        for c in levels:
+            prompts = prompt_texts(tokenizer, 4 * c, prompt_tokens)
+            clients.level(server.base, server.model, prompts[:c], c, 8)  # warm-up burst
+            cpu_before, http_before = process_cpu_s(server.proc.pid), process_cpu_s(server.proc.pid, False)
+            records, wall, client_stats = clients.level(server.base, server.model, prompts, c, new_tokens)
+            cpu = process_cpu_s(server.proc.pid) - cpu_before
+            http = process_cpu_s(server.proc.pid, False) - http_before
+            s = summarize(records, wall, c)
+            tokens = s["output_tok_s"] * wall
+            points.append({"concurrency": c, "output_tok_s": round(s["output_tok_s"], 1),
+                           # less sensitive to a busy machine than tok/s: the server's own CPU time
+                           "server_cpu_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
+                           # of which the HTTP process's (all of it with --one-process)
+                           "http_process_cpu_us_per_token": round(http / max(tokens, 1) * 1e6, 1),
+                           "itl_ms_p50": round(s["itl_ms"]["p50"], 3), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 2),
+                           "errors": s["errors"], "requests": s["requests"], **client_stats})
+            print(f"server c{c}: {points[-1]}")
     finally:
+        clients.close()
         server.stop()
     return points
 
@@ -223,6 +225,8 @@ def main() -> None:
                         help="server: sleep this long per decode step, as a wait on the GPU would (GIL released)")
     parser.add_argument("--one-process", action="store_true",
                         help="server: the engine in the server's process (serve --one-process), not its own")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="server: load-client processes (one caps near its own ~170 us of CPU per token)")
     parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -243,7 +247,7 @@ def main() -> None:
     server = []
     if args.server:
         server = server_points(args.bundle, [int(c) for c in args.levels.split(",")], args.prompt_tokens, args.new_tokens,
-                               args.gpu_ms, args.one_process)
+                               args.gpu_ms, args.one_process, args.client_processes)
     if args.out:
         result = {"machine": cpu_name(), "torch": torch.__version__, "threads": 1,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,

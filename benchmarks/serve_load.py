@@ -223,6 +223,65 @@ async def run_level(client: httpx.AsyncClient, server: Server, prompts: list[str
     return records, wall
 
 
+class SpreadClients:
+    """The closed-loop clients of a level spread over `processes` worker processes.
+
+    One asyncio + httpx process spends ~170 us of CPU per streamed token (measured on the
+    2-core machine, more than the server's HTTP process), so a single client process caps a
+    fast server at a few thousand to ~13k tok/s and the figure measures the client. Each
+    worker runs `concurrency / processes` clients over its share of the prompts, all starting
+    at one moment; the level's wall time runs from that moment to the last worker's end.
+    `client_cpu_busy` in `level()`'s stats is the workers' CPU over their wall time: near 1.0
+    means the clients were saturated and the tok/s is a floor, not the server's ceiling."""
+
+    def __init__(self, processes: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.processes = processes
+        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        list(self.pool.map(_noop, range(processes)))  # start and import now, not inside a timed level
+
+    def level(self, base: str, model: str, prompts: list[str], concurrency: int,
+              max_tokens: int) -> tuple[list[dict], float, dict]:
+        n = min(self.processes, concurrency)
+        shares = [concurrency // n + (i < concurrency % n) for i in range(n)]
+        start_at = time.monotonic() + 0.5  # CLOCK_MONOTONIC is system-wide: one start for all workers
+        futures = [self.pool.submit(_worker_level, base, model, prompts[i::n], c, max_tokens, start_at)
+                   for i, c in enumerate(shares)]
+        parts = [f.result() for f in futures]
+        records = [r for part in parts for r in part[0]]
+        wall = max(part[1] for part in parts) - start_at
+        cpu = sum(part[2] for part in parts)
+        tokens = sum(r.get("tokens", 0) for r in records if r["error"] is None)
+        return records, wall, {"client_processes": n, "client_cpu_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
+                               "client_cpu_busy": round(cpu / (wall * n), 2)}
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def _noop(_):
+    return None
+
+
+def _worker_level(base: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+                  start_at: float) -> tuple[list[dict], float, float]:
+    """One worker's share of a level: (records, monotonic end, CPU seconds)."""
+    from types import SimpleNamespace
+
+    async def go():
+        limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+            cpu0 = time.process_time()
+            records, _ = await run_level(client, SimpleNamespace(base=base, model=model), prompts, concurrency,
+                                         max_tokens, None)
+            return records, time.monotonic(), time.process_time() - cpu0
+
+    return asyncio.run(go())
+
+
 def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1000 if values else None
 

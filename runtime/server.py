@@ -443,12 +443,13 @@ class ServerState:
     async def stream_events(self, job: _Job, stream, request: Request):
         chat = job.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        usage_field = {"usage": None} if job.include_usage else {}
+        # Every chunk shares all but its choice: encode the rest once (json.dumps was a tenth of the
+        # server's CPU per token at 64 streams), so `chunk` gives what json.dumps(whole body) would.
+        head = json.dumps({"id": job.id, "object": obj, "created": job.created, "model": job.model})[:-1]
+        head, tail = f"data: {head}, \"choices\": [", "], \"usage\": null}\n\n" if job.include_usage else "]}\n\n"
 
         def chunk(choice: dict) -> str:
-            body = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [choice],
-                    **usage_field}
-            return f"data: {json.dumps(body)}\n\n"
+            return head + json.dumps(choice) + tail
 
         result = None
         tools = ToolCallStream() if chat and job.parse_tools else None
@@ -500,6 +501,19 @@ class ServerState:
         yield "data: [DONE]\n\n"
 
 
+async def _coalesce(events, stream):
+    """The events of outputs that piled up while the server was busy, in one write: at 64 streams
+    a write per token was the server's largest cost. An event never waits for a later output."""
+    pending = []
+    async for event in events:
+        pending.append(event)
+        if not stream.backlog():
+            yield "".join(pending)
+            pending.clear()
+    if pending:
+        yield "".join(pending)
+
+
 def _tool_finish(reason: str | None) -> str | None:
     """OpenAI's finish_reason for an answer that called tools (a cut-off one stays "length")."""
     return "tool_calls" if reason == "stop" else reason
@@ -515,7 +529,8 @@ def create_app(session, *, api_key: str | None = None, request_timeout: float = 
             job = state.parse(await state.read_json(request), kind)
             if job.stream:
                 stream = await state.submit(job)
-                return StreamingResponse(state.stream_events(job, stream, request), media_type="text/event-stream",
+                return StreamingResponse(_coalesce(state.stream_events(job, stream, request), stream),
+                                         media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return await state.complete(job, request)
         except HTTPError as e:

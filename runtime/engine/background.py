@@ -41,6 +41,10 @@ class RequestStream:
         else:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
 
+    def backlog(self) -> int:
+        """Outputs delivered and not yet taken."""
+        return self._queue.qsize()
+
     def __iter__(self):
         if self._loop is not None:
             raise TypeError("this stream was submitted from an asyncio loop; use `async for`")

@@ -485,6 +485,9 @@ class _ScriptedStream:
     def __init__(self, request_id: int, reply: str, prompt_tokens: int):
         self.request_id, self.reply, self.prompt_tokens = request_id, reply, prompt_tokens
 
+    def backlog(self) -> int:
+        return 0
+
     async def __aiter__(self):
         from arle_runtime.engine.llm_engine import Completion, RequestOutput
 
@@ -638,3 +641,24 @@ def test_a_dead_engine_process_makes_the_server_answer_503(tiny_bundle, tmp_path
         assert srv.proc.poll() is None  # the HTTP process stays up and says why
     finally:
         srv.stop()
+
+
+def test_events_that_piled_up_go_out_in_one_write_and_none_waits_for_a_later_output():
+    from arle_runtime.server import _coalesce
+
+    class Backlogged:  # outputs 0-2 arrive together, 3 alone, then the [DONE] event
+        def __init__(self):
+            self.left = [2, 1, 0, 0, 0]
+
+        def backlog(self):
+            return self.left.pop(0)
+
+    async def events():
+        for i in range(4):
+            yield f"data: {i}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def writes():
+        return [w async for w in _coalesce(events(), Backlogged())]
+
+    assert asyncio.run(writes()) == ["data: 0\n\ndata: 1\n\ndata: 2\n\n", "data: 3\n\n", "data: [DONE]\n\n"]
