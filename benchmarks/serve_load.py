@@ -20,7 +20,9 @@ same thread count (--threads, default 2), and both stay up for the whole run:
              62-73 tok/s against 53-54 without, in trials on the 2-core machine; alike at 1 client)
              and n_threads = n_threads_batch
 
-The load generator (asyncio + httpx, in this process) is closed-loop: at concurrency N, N
+The load generator (asyncio + httpx, in this process: ~170 us of CPU per streamed token, so
+it is not the limit at the CPU servers' few hundred tok/s; `SpreadClients` spreads it over
+processes for the GPU harness) is closed-loop: at concurrency N, N
 clients each send a streaming POST /v1/completions, read it to the end and send the next,
 until the level's requests are done (max(--min-requests, --requests-per-client x N)). The
 levels are interleaved: at each level arle runs, then llama.cpp, so slow drifts of the
