@@ -185,7 +185,7 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
     return out
 
 
-def hf_numbers(ckpt: Path, compile_too: bool, ours: list[int] | None = None) -> dict:
+def hf_numbers(ckpt: Path, ours: list[int] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
@@ -203,39 +203,72 @@ def hf_numbers(ckpt: Path, compile_too: bool, ours: list[int] | None = None) -> 
     timed()  # warm-up
     tokens, eager_s = timed()
     out = {"hf_greedy_ids": tokens, "hf_eager_bs1_tok_s": round(NEW_TOKENS / eager_s, 1), "hf_logits": hf_logits}
-    if ours and ours != tokens:  # how close transformers' own logits were where the two first differ
-        i = next(i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b)
-        with torch.no_grad():
-            row = model(torch.tensor([prompt_ids(0) + tokens[:i]], device="cuda")).logits[0, -1].float()
-        out["first_difference"] = {"index": i, "transformers_token": tokens[i], "arle_token": ours[i],
-                                   "transformers_logit_of_its_token": round(row[tokens[i]].item(), 4),
-                                   "transformers_logit_of_arle_token": round(row[ours[i]].item(), 4),
-                                   "logit_std": round(row.std().item(), 4)}
-    if compile_too:
-        eager_forward = model.forward
-        kw = {"cache_implementation": "static"}
-        # transformers' recipe (static cache + reduce-overhead, i.e. CUDA graphs); on torch 2.11 /
-        # transformers 5.17 its generate can read a graph output after the next replay, so mark
-        # each step, and fall back to compiling without graphs if that still fails.
-        for mode in ("reduce-overhead", "default"):
-            compiled = torch.compile(eager_forward, mode=mode, fullgraph=True)
+    if ours and ours != tokens:
+        out["first_difference"] = first_difference(model, prompt_ids(0), ours, tokens)
+    return out
 
-            def forward(*a, _compiled=compiled, **k):
-                torch.compiler.cudagraph_mark_step_begin()
-                return _compiled(*a, **k)
 
-            model.forward = forward
-            try:
-                timed(**kw)
-                timed(**kw)
-                _, compiled_s = timed(**kw)
-            except Exception as e:  # noqa: BLE001 - record and try the next mode
-                out[f"hf_compile_error_{mode}"] = f"{type(e).__name__}: {e}"[:300]
-                torch._dynamo.reset()
-                continue
-            out["hf_compile_bs1_tok_s"] = round(NEW_TOKENS / compiled_s, 1)
-            out["hf_compile_mode"] = mode
-            break
+def first_difference(model, prompt: list[int], ours: list[int], theirs: list[int]) -> dict:
+    """Where arle's greedy tokens first leave transformers', and how close transformers' own
+    logits of the two tokens were there (a near-tie that bf16 rounding may decide)."""
+    i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    with torch.no_grad():
+        row = model(torch.tensor([prompt + theirs[:i]], device="cuda")).logits[0, -1].float()
+    return {"index": i, "transformers_token": theirs[i], "arle_token": ours[i],
+            "transformers_logit_of_its_token": round(row[theirs[i]].item(), 4),
+            "transformers_logit_of_arle_token": round(row[ours[i]].item(), 4),
+            "logit_std": round(row.std().item(), 4)}
+
+
+def hf_compile_numbers(ckpt: Path) -> dict:
+    """transformers' compiled recipe, in a child process: on torch 2.11 / transformers 5.17 it
+    has died with SIGSEGV, which would otherwise take this run's other figures with it."""
+    child = subprocess.run([sys.executable, __file__, "--hf-compile-child", str(ckpt)], capture_output=True, text=True)
+    lines = child.stdout.strip().splitlines()
+    if child.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    how = f"killed by signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}"
+    return {"hf_compile_error": f"the transformers compile process {how}: {child.stderr.strip()[-300:]}"}
+
+
+def hf_compile_child(ckpt: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor([prompt_ids(0)], device="cuda")
+
+    def timed(**kw):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    out = {}
+    eager_forward = model.forward
+    kw = {"cache_implementation": "static"}
+    # transformers' recipe (static cache + reduce-overhead, i.e. CUDA graphs); on torch 2.11 /
+    # transformers 5.17 its generate can read a graph output after the next replay, so mark
+    # each step, and fall back to compiling without graphs if that still fails.
+    for mode in ("reduce-overhead", "default"):
+        compiled = torch.compile(eager_forward, mode=mode, fullgraph=True)
+
+        def forward(*a, _compiled=compiled, **k):
+            torch.compiler.cudagraph_mark_step_begin()
+            return _compiled(*a, **k)
+
+        model.forward = forward
+        try:
+            timed(**kw)
+            timed(**kw)
+            compiled_s = timed(**kw)
+        except Exception as e:  # noqa: BLE001 - record and try the next mode
+            out[f"hf_compile_error_{mode}"] = f"{type(e).__name__}: {e}"[:300]
+            torch._dynamo.reset()
+            continue
+        out["hf_compile_bs1_tok_s"] = round(NEW_TOKENS / compiled_s, 1)
+        out["hf_compile_mode"] = mode
+        break
     return out
 
 
@@ -255,7 +288,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
     parser.add_argument("--resume", action="store_true",
                         help="start from the --out file of an earlier run (split a run over two GPU calls)")
+    parser.add_argument("--hf-compile-child", type=Path, help=argparse.SUPPRESS)  # hf_compile_numbers' child
     args = parser.parse_args()
+    if args.hf_compile_child:
+        print(json.dumps(hf_compile_child(args.hf_compile_child)))
+        return
     from arle_runtime.preload import reexec_with_system_libstdcxx
 
     reexec_with_system_libstdcxx()  # before anything loads an AOTInductor package
@@ -312,7 +349,9 @@ def main() -> None:
             "decode_bs1_tok_s_without_graphs": engine_numbers(bundle)["decode_bs1_tok_s"]})
         os.environ.pop("ARLE_CUDA_GRAPHS")
     if "hf" not in skip:
-        phase("transformers", lambda: hf_numbers(ckpt, not args.no_hf_compile, result.get("greedy_ids")))
+        phase("transformers", lambda: hf_numbers(ckpt, result.get("greedy_ids")))
+        if not args.no_hf_compile:
+            phase("transformers_compile", lambda: hf_compile_numbers(ckpt))
     if args.server and "server" not in skip:
         phase("server", lambda: server_numbers(bundle, client_processes=args.client_processes))
         if args.server_one_process:

@@ -51,9 +51,9 @@ def engine_tok_s(bundle: Path, batches) -> dict:
     return out
 
 
-def hf_tok_s(ckpt: Path, batches) -> dict:
+def hf_tok_s(ckpt: Path, batches, ours: list[int]) -> dict:
     from transformers import AutoModelForCausalLM
-    from cuda_h200 import prompt_ids
+    from cuda_h200 import first_difference, prompt_ids
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     out = {}
@@ -67,6 +67,8 @@ def hf_tok_s(ckpt: Path, batches) -> dict:
         out[f"hf_eager_bs{b}_tok_s"] = round(b * NEW_TOKENS / (time.perf_counter() - started), 1)
         if b == 1:
             out["hf_greedy_ids"] = gen[0, ids.shape[1]:].tolist()
+            if ours != out["hf_greedy_ids"]:
+                out["first_difference"] = first_difference(model, prompt_ids(0), ours, out["hf_greedy_ids"])
     return out
 
 
@@ -97,7 +99,7 @@ def main() -> None:
     if not (bundle / "manifest.json").exists():
         result["build_s"] = round(build(ckpt, bundle, "bf16", max(batches)), 1)
     result.update(engine_tok_s(bundle, batches))
-    result.update(hf_tok_s(ckpt, batches))
+    result.update(hf_tok_s(ckpt, batches, result["greedy_ids"]))
     ours, theirs = result.pop("greedy_ids"), result.pop("hf_greedy_ids")
     result["greedy_matches_transformers"] = ours == theirs
     result["greedy_tokens_equal_before_first_difference"] = next(
