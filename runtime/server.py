@@ -505,13 +505,16 @@ async def _coalesce(events, stream):
     """The events of outputs that piled up while the server was busy, in one write: at 64 streams
     a write per token was the server's largest cost. An event never waits for a later output."""
     pending = []
-    async for event in events:
-        pending.append(event)
-        if not stream.backlog():
+    try:
+        async for event in events:
+            pending.append(event)
+            if not stream.backlog():
+                yield "".join(pending)
+                pending.clear()
+        if pending:
             yield "".join(pending)
-            pending.clear()
-    if pending:
-        yield "".join(pending)
+    finally:  # closed early (the client left): end the request's stream now, not at garbage collection
+        await events.aclose()
 
 
 def _tool_finish(reason: str | None) -> str | None:

@@ -662,3 +662,20 @@ def test_events_that_piled_up_go_out_in_one_write_and_none_waits_for_a_later_out
         return [w async for w in _coalesce(events(), Backlogged())]
 
     assert asyncio.run(writes()) == ["data: 0\n\ndata: 1\n\ndata: 2\n\n", "data: 3\n\n", "data: [DONE]\n\n"]
+
+    closed = []
+
+    async def endless():
+        try:
+            while True:
+                yield "data: x\n\n"
+        finally:
+            closed.append(True)  # where the request's stream would be cancelled
+
+    async def leave_after_one():
+        writer = _coalesce(endless(), SimpleNamespace(backlog=lambda: 0))
+        await anext(writer)
+        await writer.aclose()
+        assert closed == [True]  # at once, not when the loop collects the generator later
+
+    asyncio.run(leave_after_one())
