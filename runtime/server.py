@@ -443,14 +443,8 @@ class ServerState:
     async def stream_events(self, job: _Job, stream, request: Request):
         chat = job.kind == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        # Every chunk shares all but its choice: encode the rest once (json.dumps was a tenth of the
-        # server's CPU per token at 64 streams), so `chunk` gives what json.dumps(whole body) would.
-        head = json.dumps({"id": job.id, "object": obj, "created": job.created, "model": job.model})[:-1]
-        head, tail = f"data: {head}, \"choices\": [", "], \"usage\": null}\n\n" if job.include_usage else "]}\n\n"
-
-        def chunk(choice: dict) -> str:
-            return head + json.dumps(choice) + tail
-
+        chunks = _Chunks(job)
+        chunk = chunks.event
         result = None
         tools = ToolCallStream() if chat and job.parse_tools else None
         num_calls = 0
@@ -467,7 +461,9 @@ class ServerState:
                 if out.finished:
                     result = out.result
                 if not chat:
-                    if out.text or want_lp or out.finished:
+                    if out.text and not (want_lp or out.finished):
+                        yield chunks.text(out.text)
+                    elif out.text or want_lp or out.finished:
                         yield chunk({"index": 0, "text": out.text,
                                      "logprobs": self._completion_logprobs([out], job) if want_lp else None,
                                      "finish_reason": out.finish_reason if out.finished else None})
@@ -482,7 +478,9 @@ class ServerState:
                 reason = None
                 if out.finished:
                     reason = _tool_finish(out.finish_reason) if num_calls + len(calls) else out.finish_reason
-                if text or want_lp or (out.finished and not calls):
+                if text and not (want_lp or out.finished):
+                    yield chunks.text(text)
+                elif text or want_lp or (out.finished and not calls):
                     yield chunk({"index": 0, "delta": {"content": text} if text else {},
                                  "logprobs": {"content": [self._chat_logprob(out)]} if want_lp else None,
                                  "finish_reason": None if calls else reason})
@@ -499,6 +497,29 @@ class ServerState:
                     "usage": self._usage(job, result)}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
+
+
+class _Chunks:
+    """A stream's SSE chunk events. All chunks of a stream share everything but the choice, so
+    that part is encoded once; the commonest choice, plain text, is spliced in without a dict
+    (json was ~18% of the server's event-loop time per token at 64 streams). The events are
+    what json.dumps of the whole body gives."""
+
+    def __init__(self, job: _Job):
+        chat = job.kind == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = json.dumps({"id": job.id, "object": obj, "created": job.created, "model": job.model})[:-1]
+        self.head = f'data: {head}, "choices": ['
+        self.tail = '], "usage": null}\n\n' if job.include_usage else "]}\n\n"
+        self.text_open = '{"index": 0, "delta": {"content": ' if chat else '{"index": 0, "text": '
+        self.text_close = ('}' if chat else '') + ', "logprobs": null, "finish_reason": null}'
+
+    def event(self, choice: dict) -> str:
+        return self.head + json.dumps(choice) + self.tail
+
+    def text(self, text: str) -> str:
+        """The event of a choice with this text and nothing else (no logprobs, not the last)."""
+        return self.head + self.text_open + json.dumps(text) + self.text_close + self.tail
 
 
 async def _coalesce(events, stream):

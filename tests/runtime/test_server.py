@@ -679,3 +679,20 @@ def test_events_that_piled_up_go_out_in_one_write_and_none_waits_for_a_later_out
         assert closed == [True]  # at once, not when the loop collects the generator later
 
     asyncio.run(leave_after_one())
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+@pytest.mark.parametrize("usage", [True, False])
+def test_a_text_chunk_is_what_json_dumps_of_its_whole_body_gives(kind, usage):
+    from arle_runtime.server import _Chunks, _Job
+
+    job = _Job(kind, 'cmpl-"1"', 1765000000, "m\u00e9/x", [1], None, True, usage, 0.0)
+    chunks = _Chunks(job)
+    for text in ["Paris", 'say "hi"\n\tback\\slash', "caf\u00e9 \u2603 \U0001f600", "</tool_call>"]:
+        content = {"delta": {"content": text}} if kind == "chat" else {"text": text}
+        body = {"id": job.id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": job.created, "model": job.model,
+                "choices": [{"index": 0, **content, "logprobs": None, "finish_reason": None}],
+                **({"usage": None} if usage else {})}
+        assert chunks.text(text) == f"data: {json.dumps(body)}\n\n"
+        assert chunks.event(body["choices"][0]) == chunks.text(text)
