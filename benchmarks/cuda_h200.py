@@ -141,9 +141,6 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
     closed-loop clients, spread over `client_processes` processes: a single one spends ~170 us of CPU
     per token and can be the limit at c64); needs starlette and uvicorn (carry their wheels to the GPU machine).
     `one_process`: `serve --one-process` (the engine in the server's process), keys suffixed so."""
-    import asyncio
-
-    import httpx
     from serve_load import Server, SpreadClients, free_port, summarize
 
     port = free_port()
@@ -153,14 +150,10 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
                     port, dict(os.environ), Path("/tmp/arle-serve.log"))
     out = {}
 
-    async def ready():
-        async with httpx.AsyncClient(timeout=600) as client:
-            await server.wait_ready(client)
-
     server.start()
     clients = SpreadClients(client_processes)
     try:
-        asyncio.run(ready())
+        server.wait_ready_blocking()
         out["server_ready_s"] = round(server.load_s, 2)
         for c in levels:
             prompts = [" ".join(f"w{t}" for t in prompt_ids(5000 + c * 10 + i)) for i in range(2 * c)]
@@ -185,6 +178,15 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
     return out
 
 
+def timed_generate(model, ids: torch.Tensor, **kw) -> tuple[list[int], float]:
+    """transformers' greedy generate of NEW_TOKENS: (the new tokens, seconds)."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kw)
+    torch.cuda.synchronize()
+    return out[0, ids.shape[1]:].tolist(), time.perf_counter() - started
+
+
 def hf_numbers(ckpt: Path, ours: list[int] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -193,15 +195,8 @@ def hf_numbers(ckpt: Path, ours: list[int] | None = None) -> dict:
     with torch.no_grad():
         hf_logits = model(ids).logits[0, -1].float().cpu()
 
-    def timed(**kw):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kw)
-        torch.cuda.synchronize()
-        return out[0, ids.shape[1]:].tolist(), time.perf_counter() - started
-
-    timed()  # warm-up
-    tokens, eager_s = timed()
+    timed_generate(model, ids)  # warm-up
+    tokens, eager_s = timed_generate(model, ids)
     out = {"hf_greedy_ids": tokens, "hf_eager_bs1_tok_s": round(NEW_TOKENS / eager_s, 1), "hf_logits": hf_logits}
     if ours and ours != tokens:
         out["first_difference"] = first_difference(model, prompt_ids(0), ours, tokens)
@@ -237,13 +232,6 @@ def hf_compile_child(ckpt: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     ids = torch.tensor([prompt_ids(0)], device="cuda")
 
-    def timed(**kw):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kw)
-        torch.cuda.synchronize()
-        return time.perf_counter() - started
-
     out = {}
     eager_forward = model.forward
     kw = {"cache_implementation": "static"}
@@ -259,9 +247,9 @@ def hf_compile_child(ckpt: Path) -> dict:
 
         model.forward = forward
         try:
-            timed(**kw)
-            timed(**kw)
-            compiled_s = timed(**kw)
+            timed_generate(model, ids, **kw)
+            timed_generate(model, ids, **kw)
+            _, compiled_s = timed_generate(model, ids, **kw)
         except Exception as e:  # noqa: BLE001 - record and try the next mode
             out[f"hf_compile_error_{mode}"] = f"{type(e).__name__}: {e}"[:300]
             torch._dynamo.reset()

@@ -168,9 +168,6 @@ def process_cpu_s(pid: int, children: bool = True) -> float:
 
 def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int, gpu_ms: float,
                   one_process: bool, client_processes: int = 1) -> list[dict]:
-    import asyncio
-
-    import httpx
     from serve_load import Server, SpreadClients, free_port, prompt_texts, summarize
 
     port = free_port()
@@ -180,14 +177,10 @@ def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_
     tokenizer = load_bundle(bundle_path, verify=False).tokenizer
     points = []
 
-    async def ready():
-        async with httpx.AsyncClient(timeout=600) as client:
-            await server.wait_ready(client)
-
     server.start()
     clients = SpreadClients(client_processes)
     try:
-        asyncio.run(ready())
+        server.wait_ready_blocking()
         for c in levels:
             prompts = prompt_texts(tokenizer, 4 * c, prompt_tokens)
             clients.level(server.base, server.model, prompts[:c], c, 8)  # warm-up burst

@@ -137,6 +137,14 @@ class Server:
             await asyncio.sleep(0.5)
         raise RuntimeError(f"{self.name} was not ready after {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
 
+    def wait_ready_blocking(self) -> None:
+        """wait_ready from synchronous code (the harnesses whose clients run in SpreadClients)."""
+        async def go():
+            async with httpx.AsyncClient(timeout=600) as client:
+                await self.wait_ready(client)
+
+        asyncio.run(go())
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return

@@ -442,7 +442,6 @@ class ServerState:
 
     async def stream_events(self, job: _Job, stream, request: Request):
         chat = job.kind == "chat"
-        obj = "chat.completion.chunk" if chat else "text_completion"
         chunks = _Chunks(job)
         chunk = chunks.event
         result = None
@@ -493,7 +492,7 @@ class ServerState:
         except HTTPError as e:
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
         if job.include_usage:
-            body = {"id": job.id, "object": obj, "created": job.created, "model": job.model, "choices": [],
+            body = {"id": job.id, "object": chunks.object, "created": job.created, "model": job.model, "choices": [],
                     "usage": self._usage(job, result)}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
@@ -507,8 +506,8 @@ class _Chunks:
 
     def __init__(self, job: _Job):
         chat = job.kind == "chat"
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        head = json.dumps({"id": job.id, "object": obj, "created": job.created, "model": job.model})[:-1]
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+        head = json.dumps({"id": job.id, "object": self.object, "created": job.created, "model": job.model})[:-1]
         self.head = f'data: {head}, "choices": ['
         self.tail = '], "usage": null}\n\n' if job.include_usage else "]}\n\n"
         self.text_open = '{"index": 0, "delta": {"content": ' if chat else '{"index": 0, "text": '
