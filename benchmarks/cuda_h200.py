@@ -136,17 +136,18 @@ def graph_replay_ms(executor, replays: int = 300, buckets=(1, 8, 16, 64)) -> dic
 
 
 def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS, one_process: bool = False,
-                   client_processes: int = 8) -> dict:
+                   client_processes: int = 8, http_processes: int = 1) -> dict:
     """Output tok/s, TTFT and ITL through `arle-runtime serve` on loopback (benchmarks/serve_load.py's
     closed-loop clients, spread over `client_processes` processes: a single one spends ~170 us of CPU
     per token and can be the limit at c64); needs starlette and uvicorn (carry their wheels to the GPU machine).
-    `one_process`: `serve --one-process` (the engine in the server's process), keys suffixed so."""
+    `one_process`: `serve --one-process` (the engine in the server's process), keys suffixed so;
+    `http_processes` > 1: `serve --http-processes N`, keys suffixed `_httpN`."""
     from serve_load import Server, SpreadClients, free_port, summarize
 
     port = free_port()
     exe = shutil.which("arle-runtime") or Path(sys.executable).with_name("arle-runtime")  # PATH first: benchmarks/gpu_env.sh
     server = Server("arle", [str(exe), "serve", str(bundle), "--port", str(port), "--max-batch", "64", "--no-verify",
-                             *(["--one-process"] if one_process else [])],
+                             *(["--one-process"] if one_process else []), "--http-processes", str(http_processes)],
                     port, dict(os.environ), Path("/tmp/arle-serve.log"))
     out = {}
 
@@ -174,6 +175,8 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
         server.stop()
     if one_process:
         return {f"{k}_one_process": v for k, v in out.items()}
+    if http_processes > 1:
+        return {f"{k}_http{http_processes}": v for k, v in out.items()}
     if "ttft_ms_p50_c1" in out:  # the issue's ttft/itl keys: one client, through the server
         out["ttft_ms_p50"], out["itl_ms_p50"] = out["ttft_ms_p50_c1"], out["itl_ms_p50_c1"]
     return out
@@ -272,6 +275,8 @@ def main() -> None:
     parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
     parser.add_argument("--server-one-process", action="store_true",
                         help="with --server: also c16/c64 through `serve --one-process`, for the ratio")
+    parser.add_argument("--server-http-processes", type=int, default=1,
+                        help="with --server: also c16/c64 through `serve --http-processes N` (N > 1)")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="with --server: load-client processes (a single one can be the limit at c64)")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
@@ -346,6 +351,9 @@ def main() -> None:
         if args.server_one_process:
             phase("server_one_process", lambda: server_numbers(bundle, (16, 64), one_process=True,
                                                                  client_processes=args.client_processes))
+        if args.server_http_processes > 1:
+            phase("server_http_processes", lambda: server_numbers(bundle, (16, 64), client_processes=args.client_processes,
+                                                                    http_processes=args.server_http_processes))
     ours_logits, hf_logits = result.pop("prompt_logits", None), result.pop("hf_logits", None)
     if ours_logits is not None and hf_logits is not None:
         result["prompt_logits_rel_error_vs_transformers"] = round(

@@ -145,13 +145,17 @@ def stand_in_session(bundle_path: Path, gpu_ms: float):
     return Session(bundle, HostOnlyExecutor(gpu_ms=gpu_ms), None, EngineConfig(max_batch=64, kv_pages=64 * 4096 // 16))
 
 
-def serve_stand_in(bundle_path: Path, port: int, gpu_ms: float, one_process: bool) -> None:
+def serve_stand_in(bundle_path: Path, port: int, gpu_ms: float, one_process: bool, http_processes: int = 1) -> None:
     """The server subprocess: `arle-runtime serve`'s app over the stand-in executor, the
-    engine in a process of its own as `serve` runs it (or in the server's, --one-process)."""
+    engine in a process of its own as `serve` runs it (or in the server's, --one-process;
+    or behind several HTTP processes, --http-processes)."""
     from arle_runtime.engine_process import RemoteSession
+    from arle_runtime.http_processes import serve_processes
     from arle_runtime.server import serve
 
     open_session = partial(stand_in_session, bundle_path, gpu_ms)
+    if http_processes > 1:
+        return serve_processes(bundle_path, open_session, http_processes, "127.0.0.1", port, log_level="warning")
     session = open_session() if one_process else RemoteSession.start(bundle_path, open_session)
     serve(session, port=port, log_level="warning")
 
@@ -167,12 +171,12 @@ def process_cpu_s(pid: int, children: bool = True) -> float:
 
 
 def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_tokens: int, gpu_ms: float,
-                  one_process: bool, client_processes: int = 1) -> list[dict]:
+                  one_process: bool, client_processes: int = 1, http_processes: int = 1) -> list[dict]:
     from serve_load import Server, SpreadClients, free_port, prompt_texts, summarize
 
     port = free_port()
     command = [sys.executable, __file__, str(bundle_path), "--serve-port", str(port), "--gpu-ms", str(gpu_ms),
-               *(["--one-process"] if one_process else [])]
+               *(["--one-process"] if one_process else []), "--http-processes", str(http_processes)]
     server = Server("arle", command, port, dict(os.environ), Path("/tmp/arle-engine-host-serve.log"))
     tokenizer = load_bundle(bundle_path, verify=False).tokenizer
     points = []
@@ -193,8 +197,10 @@ def server_points(bundle_path: Path, levels: list[int], prompt_tokens: int, new_
             points.append({"concurrency": c, "output_tok_s": round(s["output_tok_s"], 1),
                            # less sensitive to a busy machine than tok/s: the server's own CPU time
                            "server_cpu_us_per_token": round(cpu / max(tokens, 1) * 1e6, 1),
-                           # of which the HTTP process's (all of it with --one-process)
-                           "http_process_cpu_us_per_token": round(http / max(tokens, 1) * 1e6, 1),
+                           # of which the HTTP process's (all of it with --one-process; with several
+                           # HTTP processes they are children like the engine's, so not split out)
+                           "http_process_cpu_us_per_token": round(http / max(tokens, 1) * 1e6, 1)
+                           if http_processes == 1 else None,
                            "itl_ms_p50": round(s["itl_ms"]["p50"], 3), "ttft_ms_p50": round(s["ttft_ms"]["p50"], 2),
                            "errors": s["errors"], "requests": s["requests"], **client_stats})
             print(f"server c{c}: {points[-1]}")
@@ -220,11 +226,13 @@ def main() -> None:
                         help="server: the engine in the server's process (serve --one-process), not its own")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="server: load-client processes (one caps near its own ~170 us of CPU per token)")
+    parser.add_argument("--http-processes", type=int, default=1,
+                        help="server: HTTP processes in front of the engine process (serve --http-processes)")
     parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.serve_port:
-        return serve_stand_in(args.bundle, args.serve_port, args.gpu_ms, args.one_process)
+        return serve_stand_in(args.bundle, args.serve_port, args.gpu_ms, args.one_process, args.http_processes)
     torch.set_num_threads(1)
     tokenizer = load_bundle(args.bundle, verify=False).tokenizer
     points = []
@@ -240,11 +248,12 @@ def main() -> None:
     server = []
     if args.server:
         server = server_points(args.bundle, [int(c) for c in args.levels.split(",")], args.prompt_tokens, args.new_tokens,
-                               args.gpu_ms, args.one_process, args.client_processes)
+                               args.gpu_ms, args.one_process, args.client_processes, args.http_processes)
     if args.out:
         result = {"machine": cpu_name(), "torch": torch.__version__, "threads": 1,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                  "gpu_ms": args.gpu_ms, "engine_process": not args.one_process, "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
+                  "gpu_ms": args.gpu_ms, "engine_process": not args.one_process,
+                  "http_processes": args.http_processes, "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -13,6 +13,11 @@ limits, or with the ArleError that stopped it. The server holds the RemoteSessio
 bundle's tokenizer and chat template here, and `background()`, an EngineProcess with
 BackgroundEngine's surface (submit_async, cancel, stats_async, alive, close).
 
+One HTTP process still caps a server at high concurrency (~85 us of its CPU per streamed
+token, docs/perf/cuda-h200.md), so the engine process can take several lines, one per
+HTTP process (`serve --http-processes N`, runtime/http_processes.py): each line's
+requests are numbered apart and their outputs go back on the line they came in on.
+
 Messages, server -> engine: ("submit", rid, prompt_ids, params), ("cancel", rid),
 ("stats", key), ("close",). Engine -> server: ("ready", limits), ("failed", error),
 ("ack", rid, error or None), ("stats", key, dict), ("out", [RequestOutput, ...]).
@@ -26,6 +31,9 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
+import socket
 import signal
 import threading
 from collections.abc import Callable
@@ -47,102 +55,158 @@ log = logging.getLogger("arle.engine")
 # --- the child --------------------------------------------------------------------------
 
 
-def _engine_main(conn, open_session: Callable) -> None:
+def _engine_main(conns: list, open_session: Callable) -> None:
+    """The engine process. `conns[0]` belongs to the process that started it (it hears
+    "ready" or "failed"); each conn is one HTTP process's line to the engine (`serve
+    --http-processes N` gives it N). Outputs go back on the conn their request came in on.
+    The engine stops on ("close",) or once every conn is closed."""
     # Ctrl-C in a terminal reaches the whole process group; the server's process decides
     # when the engine stops (it cancels live requests first).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lock = threading.Lock()
+    owner: dict[int, object] = {}  # live request id -> the conn it came in on
 
-    def send(message) -> None:
+    def send(conn, message) -> None:
         try:
             with lock:
                 conn.send(message)
-        except OSError:  # the server's process is gone; the loop below sees EOF and exits
+        except OSError:  # that HTTP process is gone; the loop below sees its EOF
             pass
+
+    def deliver(outputs: list[RequestOutput]) -> None:
+        by_conn: dict[object, list[RequestOutput]] = {}
+        with lock:
+            for out in outputs:
+                conn = owner.pop(out.request_id, None) if out.finished else owner.get(out.request_id)
+                if conn is not None:
+                    by_conn.setdefault(conn, []).append(out)
+        for conn, outs in by_conn.items():
+            send(conn, ("out", outs))
 
     try:
         session = open_session()
-        engine = BackgroundEngine(session.engine, deliver=lambda outputs: send(("out", outputs)))
+        engine = BackgroundEngine(session.engine, deliver=deliver)
     except ArleError as e:
-        send(("failed", e))
+        send(conns[0], ("failed", e))
         return
     except Exception as e:  # noqa: BLE001 - reported to the server's process as one sentence
         log.exception("the engine could not start")
-        send(("failed", ArleError(f"The engine could not start: {e!r}.")))
+        send(conns[0], ("failed", ArleError(f"The engine could not start: {e!r}.")))
         return
-    send(("ready", session.limits))
+    send(conns[0], ("ready", session.limits))
+    live = list(conns)
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):  # the server's process is gone
-                break
-            kind = message[0]
-            if kind == "submit":
-                _, rid, prompt_ids, params = message
+        while live:
+            for conn in multiprocessing.connection.wait(live):
                 try:
-                    engine.enqueue(prompt_ids, params, rid)
-                    error = None
-                except ArleError as e:
-                    error = e
-                except Exception as e:  # noqa: BLE001 - the request fails, the engine carries on
-                    log.exception("could not queue request %d", rid)
-                    error = ArleError(f"internal error queueing the request: {e!r}")
-                send(("ack", rid, error))
-            elif kind == "cancel":
-                engine.cancel(message[1])
-            elif kind == "stats":
-                send(("stats", message[1], session.engine.stats()))
-            elif kind == "close":
-                break
+                    message = conn.recv()
+                except (EOFError, OSError):  # that HTTP process is gone: its requests end
+                    live.remove(conn)
+                    with lock:
+                        orphans = [rid for rid, c in owner.items() if c is conn]
+                    for rid in orphans:
+                        engine.cancel(rid)
+                    continue
+                if not _handle(message, conn, engine, session, owner, lock, send):
+                    return
     finally:
         engine.close()
         session.close()
 
 
+def _handle(message, conn, engine: BackgroundEngine, session, owner: dict, lock, send) -> bool:
+    """One message from an HTTP process; False for ("close",)."""
+    kind = message[0]
+    if kind == "submit":
+        _, rid, prompt_ids, params = message
+        with lock:  # routed before it is queued: its first output may come at once
+            owner[rid] = conn
+        try:
+            engine.enqueue(prompt_ids, params, rid)
+            error = None
+        except ArleError as e:
+            error = e
+        except Exception as e:  # noqa: BLE001 - the request fails, the engine carries on
+            log.exception("could not queue request %d", rid)
+            error = ArleError(f"internal error queueing the request: {e!r}")
+        if error is not None:
+            with lock:
+                owner.pop(rid, None)
+        send(conn, ("ack", rid, error))
+    elif kind == "cancel":
+        engine.cancel(message[1])
+    elif kind == "stats":
+        send(conn, ("stats", message[1], session.engine.stats()))
+    elif kind == "close":
+        return False
+    return True
+
+
+def start_engine_process(open_session: Callable, clients: int = 1):
+    """Spawn the engine process with `clients` lines to it and wait until it has loaded the
+    bundle: (process, [conn, ...], limits). Raises the ArleError that stopped the load."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
+    pairs = [ctx.Pipe() for _ in range(clients)]
+    proc = ctx.Process(target=_engine_main, args=([child for _, child in pairs], open_session),
+                       name="arle-engine", daemon=True)
+    proc.start()
+    for _, child in pairs:
+        child.close()
+    conns = [ours for ours, _ in pairs]
+    try:
+        message = conns[0].recv()
+    except EOFError:
+        proc.join(5)
+        _close_all(conns)
+        raise ArleError(f"The engine process exited while loading the bundle (exit code {proc.exitcode}); "
+                        "its log is above.") from None
+    if message[0] == "failed":
+        proc.join(10)
+        _close_all(conns)
+        raise message[1]
+    return proc, conns, message[1]
+
+
+def _close_all(conns) -> None:
+    for conn in conns:
+        conn.close()
+
+
+def stop_engine_process(proc, conn, timeout: float = 10.0) -> None:
+    """Ask the engine to stop (live requests end with an error) and wait for it."""
+    if proc.is_alive():
+        with contextlib.suppress(OSError):  # it died meanwhile
+            conn.send(("close",))
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+
+
 # --- the server's side ----------------------------------------------------------------------
 
 
-class EngineProcess:
-    """The engine child, seen from the server's process."""
+class EngineClient:
+    """One HTTP process's line to the engine process: BackgroundEngine's surface
+    (submit_async, cancel, stats_async, alive, close). With several HTTP processes, each
+    numbers its requests `first_id`, `first_id + id_step`, ... so ids never collide."""
 
-    def __init__(self, open_session: Callable):
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked CUDA or thread state
-        self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_engine_main, args=(child_conn, open_session), name="arle-engine",
-                                 daemon=True)
-        self._proc.start()
-        child_conn.close()
-        try:
-            self.limits: StepLimits = self._wait_ready()
-        except BaseException:
-            self._stop(timeout=5)
-            raise
+    def __init__(self, conn, limits: StepLimits, first_id: int = 1, id_step: int = 1):
+        self._conn = conn
+        self.limits = limits
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._streams: dict[int, RequestStream] = {}
         self._replies: dict[tuple, concurrent.futures.Future] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id, id_step)
         self._keys = itertools.count(1)
         self._dead: str | None = None
         self._reader = threading.Thread(target=self._read, name="arle-engine-reader", daemon=True)
         self._reader.start()
 
-    def _wait_ready(self) -> StepLimits:
-        try:
-            message = self._conn.recv()
-        except EOFError:
-            self._proc.join(5)
-            raise ArleError(f"The engine process exited while loading the bundle (exit code {self._proc.exitcode}); "
-                            "its log is above.") from None
-        if message[0] == "failed":
-            self._proc.join(10)
-            raise message[1]
-        return message[1]
-
     @property
     def alive(self) -> bool:
-        return self._dead is None and self._proc.is_alive()
+        return self._dead is None
 
     # requests
     async def submit_async(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
@@ -178,11 +242,18 @@ class EngineProcess:
         return await asyncio.wrap_future(self._ask(("stats", key), ("stats", key)))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the engine; requests still live end with an error."""
-        if self._proc.is_alive():
-            with contextlib.suppress(ArleError):  # it died meanwhile
-                self._send(("close",))
-        self._stop(timeout)
+        """Hang up: the engine cancels this line's live requests and serves the others."""
+        self._dead = self._dead or "The server is shutting down."
+        self._hang_up(timeout)
+
+    def _hang_up(self, timeout: float) -> None:
+        # Shut the socket down before closing it: that wakes the reader thread, blocked in
+        # recv(), with an EOF (closing the fd under it would not).
+        with contextlib.suppress(OSError):
+            with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        self._reader.join(timeout)
+        self._conn.close()
 
     # the pipe
     def _check_alive(self) -> None:
@@ -193,7 +264,7 @@ class EngineProcess:
         try:
             with self._send_lock:
                 self._conn.send(message)
-        except OSError:  # the child is gone; the reader thread ends what was live
+        except OSError:  # the engine is gone (or we hung up); the reader thread ends what was live
             raise ArleError("The engine process has stopped; restart the server.", code=STOPPED) from None
 
     def _ask(self, message, key: tuple) -> concurrent.futures.Future:
@@ -220,8 +291,10 @@ class EngineProcess:
         except (EOFError, OSError):
             pass
         finally:
-            self._proc.join(5)
-            self._end_all(f"The engine process stopped (exit code {self._proc.exitcode}); restart the server.")
+            self._end_all(self._gone())
+
+    def _gone(self) -> str:
+        return "The engine process stopped; restart the server."
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """One wake-up per event loop per step, as BackgroundEngine._deliver does."""
@@ -244,12 +317,26 @@ class EngineProcess:
                 reply.set_exception(ArleError(message, code=STOPPED))
         self._dispatch([RequestOutput(rid, None, "", True, "error", error=message) for rid in live])
 
-    def _stop(self, timeout: float) -> None:
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(5)
-        self._conn.close()
+
+class EngineProcess(EngineClient):
+    """The engine child, started and owned by the one HTTP process that talks to it."""
+
+    def __init__(self, open_session: Callable):
+        self._proc, (conn,), limits = start_engine_process(open_session)
+        super().__init__(conn, limits)
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._proc.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine; requests still live end with an error."""
+        stop_engine_process(self._proc, self._conn, timeout)
+        self._hang_up(timeout)
+
+    def _gone(self) -> str:
+        self._proc.join(5)
+        return f"The engine process stopped (exit code {self._proc.exitcode}); restart the server."
 
 
 @dataclass
@@ -258,7 +345,7 @@ class RemoteSession(Tokenizing):
 
     bundle: Bundle
     template: ChatTemplate | None
-    engine: EngineProcess
+    engine: EngineClient
 
     @classmethod
     def start(cls, path: str | Path, open_session: Callable) -> "RemoteSession":
@@ -269,11 +356,18 @@ class RemoteSession(Tokenizing):
         template = chat_template(bundle)
         return cls(bundle, template, EngineProcess(open_session))
 
+    @classmethod
+    def attach(cls, path: str | Path, client: EngineClient) -> "RemoteSession":
+        """The session of one of several HTTP processes: its line to an engine process
+        started by the process that started it."""
+        bundle = load_bundle(path, verify=False)
+        return cls(bundle, chat_template(bundle), client)
+
     @property
     def limits(self) -> StepLimits:
         return self.engine.limits
 
-    def background(self) -> EngineProcess:
+    def background(self) -> EngineClient:
         return self.engine
 
     def close(self) -> None:

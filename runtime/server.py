@@ -20,12 +20,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -64,6 +66,13 @@ def _from_arle(e: ArleError) -> HTTPError:
 
 
 class Metrics:
+    """The server's Prometheus metrics. Request, token and latency figures are counted
+    where the request is served; the engine's (queue, running, KV pages, prefix cache)
+    are read from the engine when /metrics is scraped. Under `serve --http-processes N`
+    each HTTP process counts into prometheus-client's multiprocess files
+    ($PROMETHEUS_MULTIPROC_DIR, set by the process that started them) and a scrape of
+    any of them sums all of them."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("arle_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
@@ -73,33 +82,49 @@ class Metrics:
         self.ttft = Histogram("arle_time_to_first_token_seconds", "Arrival to first token.", buckets=buckets, registry=r)
         self.itl = Histogram("arle_inter_token_latency_seconds", "Time between tokens.", buckets=buckets, registry=r)
         self.e2e = Histogram("arle_e2e_request_latency_seconds", "Arrival to last token.", buckets=buckets, registry=r)
-        self.queue = Gauge("arle_queue_depth", "Requests waiting for the engine.", registry=r)
-        self.running = Gauge("arle_requests_running", "Requests the engine is running.", registry=r)
-        self.kv_in_use = Gauge("arle_kv_pages_in_use", "KV cache pages in use.", registry=r)
-        self.kv_total = Gauge("arle_kv_pages_total", "KV cache pages in the pool.", registry=r)
-        self.prefix_hit = Gauge("arle_prefix_cache_hit_rate", "Prompt tokens served by the prefix cache / looked up.",
-                                registry=r)
-        self.prefix_hit_tokens = Counter("arle_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache.",
-                                         registry=r)
-        self.prefix_lookup_tokens = Counter("arle_prefix_cache_lookup_tokens",
-                                            "Prompt tokens looked up in the prefix cache.", registry=r)
         self.cancelled = Counter("arle_requests_cancelled", "Requests ended early: client gone, timeout or shutdown.",
                                  registry=r)
-        self._seen = {"prefix_hit_tokens": 0, "prefix_lookup_tokens": 0}
+        self.engine_stats = _EngineStats()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client.multiprocess import MultiProcessCollector
 
-    def refresh(self, stats: dict) -> None:
-        self.queue.set(stats.get("requests_waiting", 0))
-        self.running.set(stats.get("requests_running", 0))
-        self.kv_in_use.set(stats.get("kv_pages_in_use", 0))
-        self.kv_total.set(stats.get("kv_pages_total", 0))
+            self.scraped = CollectorRegistry()
+            MultiProcessCollector(self.scraped)
+        else:
+            self.scraped = r
+        self.scraped.register(self.engine_stats)
+
+    def render(self, stats: dict | None) -> bytes:
+        """The Prometheus text; `stats` is the engine's stats() (None: the last ones seen)."""
+        if stats is not None:
+            self.engine_stats.stats = stats
+        return generate_latest(self.scraped)
+
+
+class _EngineStats:
+    """A Prometheus collector over the engine's stats() dict, read at scrape time."""
+
+    GAUGES = (("arle_queue_depth", "Requests waiting for the engine.", "requests_waiting"),
+              ("arle_requests_running", "Requests the engine is running.", "requests_running"),
+              ("arle_kv_pages_in_use", "KV cache pages in use.", "kv_pages_in_use"),
+              ("arle_kv_pages_total", "KV cache pages in the pool.", "kv_pages_total"))
+    # the engine's running totals (counters: a scrape reads them, nothing adds to them here)
+    TOTALS = (("arle_prefix_cache_hit_tokens", "Prompt tokens served by the prefix cache.", "prefix_hit_tokens"),
+              ("arle_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache.",
+               "prefix_lookup_tokens"))
+
+    def __init__(self) -> None:
+        self.stats: dict = {}
+
+    def collect(self):
+        stats = self.stats
+        for name, doc, key in self.GAUGES:
+            yield GaugeMetricFamily(name, doc, value=stats.get(key, 0))
         looked = stats.get("prefix_lookup_tokens", 0)
-        self.prefix_hit.set(stats.get("prefix_hit_tokens", 0) / looked if looked else 0.0)
-        # The engine keeps running totals; the counters advance by what is new since the last scrape.
-        for name, counter in (("prefix_hit_tokens", self.prefix_hit_tokens),
-                              ("prefix_lookup_tokens", self.prefix_lookup_tokens)):
-            total = stats.get(name, 0)
-            counter.inc(max(0, total - self._seen[name]))
-            self._seen[name] = total
+        yield GaugeMetricFamily("arle_prefix_cache_hit_rate", "Prompt tokens served by the prefix cache / looked up.",
+                                value=stats.get("prefix_hit_tokens", 0) / looked if looked else 0.0)
+        for name, doc, key in self.TOTALS:
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
 
 
 # --- request parsing -------------------------------------------------------------------
@@ -583,10 +608,11 @@ def create_app(session, *, api_key: str | None = None, request_timeout: float = 
         return JSONResponse({"status": status}, status_code=503)
 
     async def metrics(request: Request) -> Response:
+        stats = None
         if state.engine is not None:
             with contextlib.suppress(ArleError):  # a stopped engine keeps its last figures
-                state.metrics.refresh(await state.engine.stats_async())
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+                stats = await state.engine.stats_async()
+        return Response(state.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -633,8 +659,10 @@ class _CountRequests:
 
 
 def serve(session, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
-          request_timeout: float = 600.0, log_level: str = "info") -> None:
-    """Run the server until SIGTERM / Ctrl-C: stop accepting, cancel live requests, close the engine."""
+          request_timeout: float = 600.0, log_level: str = "info", sock=None) -> None:
+    """Run the server until SIGTERM / Ctrl-C: stop accepting, cancel live requests, close the
+    engine. `sock`: a listening socket to accept on instead of binding host:port (several
+    HTTP processes share one; runtime/http_processes.py)."""
     import uvicorn
 
     app = create_app(session, api_key=api_key, request_timeout=request_timeout)
@@ -642,7 +670,7 @@ def serve(session, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | 
                             timeout_graceful_shutdown=5, access_log=False)
     server = _Server(config, app.state.arle)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     finally:
         session.close()
     if not server.started:

@@ -345,6 +345,84 @@ def test_a_step_budget_below_the_batch_is_a_one_line_error(tiny_bundle):
     assert_clean_error(proc, "at least the batch size (4)")
 
 
+# --- serve --http-processes N: several HTTP processes, one engine process ------------------
+
+
+def test_several_http_processes_give_the_same_answers_and_one_set_of_metrics(tiny_bundle, tmp_path, client, model):
+    """Requests on separate connections (the kernel hands each to one of the HTTP
+    processes) get the answers the one-process server gives; /metrics, whichever process
+    answers it, counts every request; SIGTERM stops them all cleanly."""
+    expected = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0)
+    srv = Server(tiny_bundle, tmp_path / "server.log", "--http-processes", "2")
+    try:
+        srv.wait_ready()
+
+        def ask(_):
+            with httpx.Client(timeout=TIMEOUT) as own_connection:
+                return own_connection.post(srv.url + "/v1/chat/completions", json={
+                    "model": model, "messages": MESSAGES, "max_tokens": 6, "temperature": 0}).json()
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(16)))
+        assert {a["choices"][0]["message"]["content"] for a in answers} == {expected.choices[0].message.content}
+        for _ in range(4):  # every scrape, whichever process answers it, sees all 16
+            text = _metrics(srv)
+            assert _metric(text, 'arle_requests_total{endpoint="/v1/chat/completions",status="200"}') == 16
+            assert _metric(text, "arle_completion_tokens_total") == sum(a["usage"]["completion_tokens"] for a in answers)
+            assert _metric(text, "arle_kv_pages_total") > 0
+    finally:
+        code = srv.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert code == 0 and "Traceback" not in log, log[-3000:]
+    assert log.count("Application shutdown complete") == 2
+
+
+def _count_completion_tokens(n: int) -> None:  # an HTTP process's share (spawned, multiprocess mode)
+    from arle_runtime.server import Metrics
+
+    Metrics().completion_tokens.inc(n)
+
+
+def _scrape() -> str:
+    from arle_runtime.server import Metrics
+
+    return Metrics().render({"kv_pages_total": 7, "prefix_hit_tokens": 3, "prefix_lookup_tokens": 12}).decode()
+
+
+def test_metrics_of_several_processes_add_up(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    ctx = multiprocessing.get_context("spawn")
+    for n in (3, 4):
+        proc = ctx.Process(target=_count_completion_tokens, args=(n,))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+    with ctx.Pool(1) as pool:
+        text = pool.apply(_scrape)
+    assert _metric(text, "arle_completion_tokens_total") == 7
+    assert _metric(text, "arle_kv_pages_total") == 7
+    assert _metric(text, "arle_prefix_cache_hit_tokens_total") == 3
+    assert _metric(text, "arle_prefix_cache_hit_rate") == 0.25
+
+
+def test_bad_http_processes_are_one_line_errors(tiny_bundle):
+    from conftest import assert_clean_error, run_cli
+
+    port = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        for args, says in ((["--http-processes", "0"], "at least 1"),
+                           (["--http-processes", "2", "--one-process"], "drop --one-process"),
+                           (["--http-processes", "2", "--port", str(port)], f"could not start on 127.0.0.1:{port}")):
+            proc = run_cli("arle-runtime", "serve", str(tiny_bundle), "--no-verify", *args, timeout=60,
+                           env={"ARLE_THREADS": "1"})
+            assert proc.returncode == 2, proc.stderr
+            assert_clean_error(proc, says)
+
+
 # --- the default SmolLM2 bundle: long answers (for mid-stream events) and a real tools prompt -----
 
 

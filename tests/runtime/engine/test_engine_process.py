@@ -120,3 +120,63 @@ def test_a_killed_engine_process_ends_live_streams_with_an_error(engine_bundle):
             asyncio.run(engine.submit_async(PROMPTS[0], GREEDY))
     finally:
         session.close()
+
+
+# --- several lines to one engine (serve --http-processes N) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_lines(engine_bundle):
+    from arle_runtime.engine_process import EngineClient, start_engine_process, stop_engine_process
+
+    proc, (control, *lines), limits = start_engine_process(partial(_open, engine_bundle), clients=3)
+    # numbered as serve_processes numbers them: 1, 3, 5, ... and 2, 4, 6, ...
+    clients = [EngineClient(line, limits, first_id=i + 1, id_step=2) for i, line in enumerate(lines)]
+    yield proc, control, clients
+    stop_engine_process(proc, control)
+
+
+def test_two_lines_to_one_engine_each_get_their_own_tokens(two_lines, engine_session):
+    _, _, clients = two_lines
+
+    async def go():
+        jobs = [_collect(clients[i % 2], prompt) for i, prompt in enumerate(PROMPTS)]
+        return await asyncio.gather(*jobs)
+
+    for prompt, outs in zip(PROMPTS, asyncio.run(go())):
+        final = outs[-1]
+        assert final.finished and final.error is None, final
+        expected = generate(engine_session.executor, engine_session.tokenizer, prompt, GREEDY)
+        assert final.result.token_ids == expected.token_ids
+        assert {o.request_id for o in outs} == {final.request_id}
+
+
+def test_a_line_that_hangs_up_loses_its_requests_and_the_other_carries_on(engine_bundle):
+    """An HTTP process that dies mid-request: the engine cancels what it had running (its
+    KV pages come back) and keeps serving the other line."""
+    from arle_runtime.engine_process import EngineClient, start_engine_process, stop_engine_process
+
+    proc, (control, first, second), limits = start_engine_process(partial(_open, engine_bundle), clients=3)
+    gone, staying = EngineClient(first, limits, 1, 2), EngineClient(second, limits, 2, 2)
+    long = SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True)
+
+    async def go():
+        stream = await gone.submit_async(PROMPTS[2], long)
+        async for _ in stream:
+            break  # it is running
+        gone.close()
+        for _ in range(200):  # the engine notices the closed line within a step or two
+            stats = await staying.stats_async()
+            if stats["requests_running"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        return stats, await _collect(staying, PROMPTS[0])
+
+    try:
+        stats, outs = asyncio.run(asyncio.wait_for(go(), 60))
+        assert stats["requests_running"] == 0 and stats["kv_pages_in_use"] == 0
+        assert outs[-1].finish_reason == "length" and outs[-1].error is None
+        assert proc.is_alive()
+    finally:
+        stop_engine_process(proc, control)
+    assert not proc.is_alive()
