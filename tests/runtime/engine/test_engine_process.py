@@ -180,3 +180,18 @@ def test_a_line_that_hangs_up_loses_its_requests_and_the_other_carries_on(engine
     finally:
         stop_engine_process(proc, control)
     assert not proc.is_alive()
+
+
+def test_a_steps_outputs_cross_the_pipe_as_columns_and_come_back_equal():
+    from arle_runtime.engine.llm_engine import Completion, RequestOutput
+    from arle_runtime.engine_process import pack_outputs, unpack_outputs
+
+    plain = [RequestOutput(2 * i + 1, 500 + i, f" w{i}") for i in range(5)]
+    others = [RequestOutput(4, None, "", True, "length", result=Completion("x", [1], 3, "length", 0.1, 0.2, request_id=4)),
+              RequestOutput(6, 9, "é", logprob=-0.5, top_logprobs=((9, -0.5), (3, -1.0))),
+              RequestOutput(8, None, "", True, "error", error="boom")]
+    outputs = plain[:2] + others[:1] + plain[2:] + others[1:]
+    ids, tokens, texts, whole = pack_outputs(outputs)
+    assert ids == [o.request_id for o in plain] and whole == others  # only the plain ones go as columns
+    back = unpack_outputs(*pickle.loads(pickle.dumps((ids, tokens, texts, whole))))
+    assert sorted(back, key=lambda o: o.request_id) == sorted(outputs, key=lambda o: o.request_id)
