@@ -352,8 +352,8 @@ def main() -> None:
             phase("server_one_process", lambda: server_numbers(bundle, (16, 64), one_process=True,
                                                                  client_processes=args.client_processes))
         if args.server_http_processes > 1:
-            phase("server_http_processes", lambda: server_numbers(bundle, (16, 64), client_processes=args.client_processes,
-                                                                    http_processes=args.server_http_processes))
+            phase("server_http_processes", lambda: server_numbers(
+                bundle, (16, 64), client_processes=args.client_processes, http_processes=args.server_http_processes))
     ours_logits, hf_logits = result.pop("prompt_logits", None), result.pop("hf_logits", None)
     if ours_logits is not None and hf_logits is not None:
         result["prompt_logits_rel_error_vs_transformers"] = round(

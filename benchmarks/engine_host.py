@@ -253,7 +253,8 @@ def main() -> None:
         result = {"machine": cpu_name(), "torch": torch.__version__, "threads": 1,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                   "gpu_ms": args.gpu_ms, "engine_process": not args.one_process,
-                  "http_processes": args.http_processes, "command": "python " + " ".join(sys.argv), "engine": points, "server": server}
+                  "http_processes": args.http_processes, "command": "python " + " ".join(sys.argv),
+                  "engine": points, "server": server}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -31,6 +31,7 @@ from .bundle import load_bundle
 from .engine_process import EngineClient, RemoteSession, start_engine_process, stop_engine_process
 from .errors import ArleError
 
+
 def serve_processes(bundle_path: str | Path, open_session: Callable, processes: int, host: str, port: int, *,
                     api_key: str | None = None, request_timeout: float = 600.0, log_level: str = "info") -> None:
     """Serve until Ctrl-C / SIGTERM (a clean return) or until one of the processes dies
@@ -106,7 +107,8 @@ def _wait_for_an_exit(engine, workers: list) -> None:
     ready = multiprocessing.connection.wait(list(names))
     name, proc = names[ready[0]]
     proc.join(5)
-    raise ArleError(f"{name} exited (exit code {proc.exitcode}), so the server stopped; its log is above.")
+    raise ArleError(f"{name[0].upper()}{name[1:]} exited (exit code {proc.exitcode}), so the server stopped; "
+                    "its log is above.")
 
 
 def _stop(workers: list, engine, control) -> None:
