@@ -34,8 +34,8 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import socket
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
