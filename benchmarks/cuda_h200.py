@@ -275,8 +275,8 @@ def main() -> None:
     parser.add_argument("--server", action="store_true", help="also measure c16/c64 through arle-runtime serve")
     parser.add_argument("--server-one-process", action="store_true",
                         help="with --server: also c16/c64 through `serve --one-process`, for the ratio")
-    parser.add_argument("--server-http-processes", type=int, default=1,
-                        help="with --server: also c16/c64 through `serve --http-processes N` (N > 1)")
+    parser.add_argument("--server-http-processes", type=int, default=4,
+                        help="with --server: also c16/c64 through `serve --http-processes N` (N > 1; 1: not)")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="with --server: load-client processes (a single one can be the limit at c64)")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
