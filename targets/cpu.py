@@ -36,11 +36,20 @@ def example_inputs(model: CausalLM, batch: int, tokens: int, past: int, device="
     )
 
 
+def export_dim(name: str, low: int, high: int, example: int) -> Dim:
+    """A dynamic dim for torch.export that also holds the export's example size: torch
+    refuses a range of one value (`--max-batch 1`) and an example outside the range. The
+    program then accepts a little more than the bundle allows; the runtime enforces the
+    bundle's own limits (manifest `buckets`)."""
+    return Dim(name, min=low, max=max(high, example, low + 1))
+
+
 def step_dynamic_shapes(plan: ShapePlan, prefill: bool, num_state: int = 0):
-    batch = Dim("batch", min=1, max=plan.max_batch)
-    past = Dim("past", min=0, max=plan.max_context - 1)
+    # the example sizes of export_step: 2 rows, 3 prefill tokens, a past of 5
+    batch = export_dim("batch", 1, plan.max_batch, 2)
+    past = export_dim("past", 0, plan.max_context - 1, 5)
     if prefill:
-        tokens = Dim("tokens", min=1, max=plan.max_prefill_tokens)
+        tokens = export_dim("tokens", 1, plan.max_prefill_tokens, 3)
         tok = {0: batch, 1: tokens}
     else:
         tok = {0: batch}

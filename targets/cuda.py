@@ -41,7 +41,7 @@ from arle_models.moe import Experts, Qwen3MoeBlock
 from arle_runtime.errors import ArleError
 
 from .base import Lowered, ShapePlan
-from .cpu import export_step, program_ranges
+from .cpu import export_dim, export_step, program_ranges
 from .kernels import (
     FusedDecodeSpec, FusedMoeSpec, PagedDecodeSpec, load_kernel_module, render_fused_decode, render_fused_moe,
     render_paged_decode,
@@ -115,7 +115,7 @@ def paged_example_inputs(model: CausalLM, plan: ShapePlan, device):
 
 def export_paged_decode(model: CausalLM, plan: ShapePlan, device, ops=None) -> torch.export.ExportedProgram:
     """The paged decode step; with `ops` (a FusedOps) the fused small-batch step."""
-    batch = Dim("batch", min=1, max=plan.max_batch)
+    batch = export_dim("batch", 1, plan.max_batch, 2)  # paged_example_inputs has 2 rows
     slots = Dim("slots", min=2, max=MAX_POOL_SLOTS)
     args = paged_example_inputs(model, plan, device)
     state = tuple({1: batch} for _ in args[6:])  # [Llin, B, ...], the step's *state argument

@@ -105,3 +105,21 @@ def test_fp32_bundle_greedy_equals_transformers_on_same_gguf(fp32_bundle):
             theirs = theirs[:-1]
         assert ours["token_ids"] == theirs[: len(ours["token_ids"])]
         assert len(ours["token_ids"]) == len(theirs)
+
+
+def test_a_bundle_of_batch_one_builds_and_answers_as_a_wider_one(bundle_dir, tiny_hf_model, tiny_bundle):
+    """`--max-batch 1` (torch.export refuses a dynamic dim of one value): the build widens
+    the programs' batch dim to hold its example, the manifest keeps 1, and the answers
+    are the 4-batch bundle's."""
+    from conftest import build_bundle
+
+    narrow = build_bundle(bundle_dir, "tiny-fp32-batch1", "--model", str(tiny_hf_model), "--quant", "fp32",
+                          "--max-batch", "1", "--max-prefill-tokens", "32", "--max-context", "64")
+    assert json.loads((narrow / "manifest.json").read_text())["buckets"]["max_batch"] == 1
+    answers = []
+    for bundle in (narrow, tiny_bundle):
+        proc = run_cli("arle-runtime", "run", str(bundle), "--raw", "--json", "--prompt", "The sea is",
+                       "--max-tokens", "8", env={"ARLE_THREADS": "1"}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers.append(json.loads(proc.stdout)["token_ids"])
+    assert answers[0] == answers[1] and len(answers[0]) == 8
