@@ -187,6 +187,9 @@ def build(opts: BuildOptions, echo=print) -> tuple[Path, dict]:
     quant = parse_quant(opts.quant or default_quant, opts.group_size)
     if opts.tp > 1 and quant.scheme not in TP_QUANTS:
         raise ArleError(f"--tp needs float weights; choose --quant {' or '.join(TP_QUANTS)} (got {quant.scheme}).")
+    least = getattr(target, "min_max_batch", 1)
+    if opts.max_batch < least:
+        raise ArleError(f"The {target.name} target needs --max-batch {least} or more, got {opts.max_batch}.")
     target.check(quant.scheme)
     quant = for_target(quant, target.name)
     stages = tqdm(total=9, desc="load source", unit="stage", bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}]")

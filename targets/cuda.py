@@ -148,6 +148,10 @@ def compile_package(exported, path: Path) -> None:
 class CudaTarget:
     name = "cuda"
     supports_hybrid = True  # Qwen3.5: the linear layers' state rows go in and out of the decode graphs
+    # A --max-batch 1 Qwen3-MoE bundle built, then failed its first decode graph capture on an
+    # H100 with a device-side index assert (2026-12-07, not yet understood): refused until
+    # a GPU run shows batch-1 builds work.
+    min_max_batch = 2
 
     @property
     def device(self) -> torch.device:

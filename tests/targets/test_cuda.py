@@ -58,6 +58,13 @@ def test_cuda_build_without_a_gpu_says_so(tmp_path):
     assert not (tmp_path / "b.arle").exists()
 
 
+def test_cuda_build_refuses_a_batch_of_one(tmp_path):
+    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "bf16", "--max-batch", "1",
+                   "--out", str(tmp_path / "b.arle"))
+    assert_clean_error(proc, "needs --max-batch 2 or more")
+    assert not (tmp_path / "b.arle").exists()
+
+
 def test_cuda_build_refuses_quantizations_it_lacks(tmp_path):
     proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "int8", "--out", str(tmp_path / "b.arle"))
     assert_clean_error(proc, "does not support --quant int8")
