@@ -47,6 +47,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if qk_norm else None
         self.qkv_proj = None  # set by fuse_projections()
         self.split_past = False  # set by CausalLM.use_split_attention()
+        self.expand_kv = False  # set by CausalLM.use_expanded_kv()
 
     def fuse_projections(self) -> None:
         """One matmul for q, k and v instead of three (fewer, larger kernels per step)."""
@@ -74,7 +75,14 @@ class Attention(nn.Module):
         else:
             keys = torch.cat((past_k, k), dim=2)
             values = torch.cat((past_v, v), dim=2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            if self.expand_kv and self.num_kv_heads != self.num_heads:
+                # K/V repeated per query head: on CUDA, SDPA with enable_gqa and a mask has only
+                # its fp32 math path; without enable_gqa the memory-efficient kernel takes the mask.
+                groups = self.num_heads // self.num_kv_heads
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), k, v
 
@@ -231,6 +239,14 @@ class CausalLM(nn.Module):
         """Attention without cache concatenation (the decode program's choice)."""
         for layer in self.layers:
             layer.self_attn.split_past = enabled
+        return self
+
+    def use_expanded_kv(self, enabled: bool) -> "CausalLM":
+        """SDPA over K/V repeated per query head instead of enable_gqa (a cuda prefill
+        option, targets/cuda.py); layers without the option keep theirs."""
+        for layer in self.layers:
+            if hasattr(layer.self_attn, "expand_kv"):
+                layer.self_attn.expand_kv = enabled
         return self
 
     @property

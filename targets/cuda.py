@@ -59,6 +59,11 @@ MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far
 TUNE_ENV = "ARLEC_TUNE_DECODE"
 # "0" builds no decode_fused program (for comparisons; the runtime can also ignore one).
 FUSED_ENV = "ARLEC_FUSED_DECODE"
+# "expanded": the prefill program's attention repeats K/V per query head so that SDPA's
+# memory-efficient kernel takes the step's mask. Off by default until measured: on an
+# H100 the default (enable_gqa + mask) ran SDPA's fp32 math path, about half of a
+# 8 x 128 prefill call's 7.3 ms (docs/perf/cuda-h200.md, 2026-12-07 night).
+PREFILL_ATTENTION_ENV = "ARLEC_PREFILL_ATTENTION"
 # The fused kernels multiply 16 rows per program (tl.dot's minimum), so up to 16 they read
 # each weight once; above that cuBLAS's tiles win and decode_paged serves the batch.
 FUSED_MAX_BATCH = 16
@@ -214,11 +219,14 @@ class CudaTarget:
         progress("export + compile prefill (AOTInductor)")
         model.use_split_attention(False)
         set_moe_kernel(moe_blocks, moe and moe.prefill_moe)
+        expanded = os.environ.get(PREFILL_ATTENTION_ENV, "gqa") == "expanded"
+        model.use_expanded_kv(expanded)
         try:
             with prefill_attention_backends():
                 compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
         finally:
             set_moe_kernel(moe_blocks, None)
+            model.use_expanded_kv(False)
         progress("export + compile paged decode (AOTInductor)")
         saved = model.paged_attention
         model.paged_attention = kernel.paged_decode_attention

@@ -43,3 +43,26 @@ def test_split_past_attention_matches_sdpa(dtype):
         tol = 1e-5 if dtype == torch.float32 else 5e-2
         for a, b in zip(got, expected):
             torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expanded_kv_attention_matches_gqa_sdpa(dtype):
+    """The cuda prefill option (K/V repeated per query head, no enable_gqa) gives the
+    default path's outputs, ragged pasts and a multi-token chunk included."""
+    cfg = ModelConfig("qwen3", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().to(dtype)
+    expanded = copy.deepcopy(model).use_expanded_kv(True)
+    assert all(layer.self_attn.expand_kv for layer in expanded.layers)
+    B, P, T = 3, 9, 4
+    past_k = torch.randn(cfg.num_layers, B, 2, P, 16, dtype=dtype)
+    past_v = torch.randn_like(past_k)
+    past_lens = torch.tensor([9, 4, 0])
+    args = (torch.randint(0, 256, (B, T)), past_lens[:, None] + torch.arange(T), past_k, past_v, past_lens,
+            torch.full((B,), T - 1))
+    with torch.no_grad():
+        expected, got = model(*args), expanded(*args)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
