@@ -219,8 +219,10 @@ class CudaTarget:
         progress("export + compile prefill (AOTInductor)")
         model.use_split_attention(False)
         set_moe_kernel(moe_blocks, moe and moe.prefill_moe)
-        expanded = os.environ.get(PREFILL_ATTENTION_ENV, "gqa") == "expanded"
-        model.use_expanded_kv(expanded)
+        attention = os.environ.get(PREFILL_ATTENTION_ENV, "gqa")
+        if attention not in ("gqa", "expanded"):
+            raise ArleError(f"{PREFILL_ATTENTION_ENV} must be 'gqa' or 'expanded', got {attention!r}.")
+        model.use_expanded_kv(attention == "expanded")
         try:
             with prefill_attention_backends():
                 compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
