@@ -59,8 +59,9 @@ def serve_processes(bundle_path: str | Path, open_session: Callable, processes: 
             worker.start()
             workers.append(worker)
             line.close()  # the HTTP process holds it now: its exit is the engine's EOF on that line
+        bound = sock.getsockname()[1]  # the port itself when --port 0 asked for any free one
         sock.close()
-        print(f"arle: serving on http://{host}:{port} from {processes} HTTP processes and one engine process "
+        print(f"arle: serving on http://{host}:{bound} from {processes} HTTP processes and one engine process "
               "(Ctrl-C to stop)", file=sys.stderr, flush=True)
         _wait_for_an_exit(engine, workers)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI's handler: a clean stop
