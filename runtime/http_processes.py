@@ -103,13 +103,12 @@ def _http_process_main(index: int, processes: int, line, limits, sock: socket.so
 
 
 def _wait_for_an_exit(engine, workers: list) -> None:
-    names = {engine.sentinel: ("the engine process", engine)}
+    names = {engine.sentinel: ("The engine process", engine)}
     names.update({w.sentinel: (f"HTTP process {i + 1}", w) for i, w in enumerate(workers)})
     ready = multiprocessing.connection.wait(list(names))
     name, proc = names[ready[0]]
     proc.join(5)
-    raise ArleError(f"{name[0].upper()}{name[1:]} exited (exit code {proc.exitcode}), so the server stopped; "
-                    "its log is above.")
+    raise ArleError(f"{name} exited (exit code {proc.exitcode}), so the server stopped; its log is above.")
 
 
 def _stop(workers: list, engine, control) -> None:
