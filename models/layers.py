@@ -48,6 +48,7 @@ class Attention(nn.Module):
         self.qkv_proj = None  # set by fuse_projections()
         self.split_past = False  # set by CausalLM.use_split_attention()
         self.expand_kv = False  # set by CausalLM.use_expanded_kv()
+        self.prefill_kernel = None  # set by CausalLM.use_prefill_kernel()
 
     def fuse_projections(self) -> None:
         """One matmul for q, k and v instead of three (fewer, larger kernels per step)."""
@@ -60,7 +61,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
 
-    def forward(self, x, cos, sin, past_k, past_v, mask):
+    def forward(self, x, cos, sin, past_k, past_v, mask, past_lens=None):
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.reshape(B, T, self.num_heads, self.head_dim)
@@ -70,6 +71,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.prefill_kernel is not None:  # reads past_lens instead of the mask; writes [B, T, H, D]
+            out = self.prefill_kernel(q, k, v, past_k, past_v, past_lens)
+            return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim)), k, v
         if self.split_past:
             out = attention_split_past(q, k, v, past_k, past_v, mask)
         else:
@@ -144,8 +148,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config) if mlp is None else mlp
 
-    def forward(self, x, cos, sin, past_k, past_v, mask):
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask)
+    def forward(self, x, cos, sin, past_k, past_v, mask, past_lens=None):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, mask, past_lens)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
@@ -249,6 +253,15 @@ class CausalLM(nn.Module):
                 layer.self_attn.expand_kv = enabled
         return self
 
+    def use_prefill_kernel(self, kernel) -> "CausalLM":
+        """Prefill attention by a generated kernel (q, k, v, past_k, past_v, past_lens ->
+        [B, T, H, D]; the cuda target's templates/prefill_attention.py.j2), or SDPA again
+        with None. Layers without the option keep SDPA."""
+        for layer in self.layers:
+            if hasattr(layer.self_attn, "prefill_kernel"):
+                layer.self_attn.prefill_kernel = kernel
+        return self
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
@@ -259,7 +272,7 @@ class CausalLM(nn.Module):
         mask = step_mask(past_lens, past_k.shape[3], tokens.shape[1])
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, past_k[i], past_v[i], mask)
+            x, k, v = layer(x, cos, sin, past_k[i], past_v[i], mask, past_lens)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), torch.stack(new_k), torch.stack(new_v)

@@ -43,8 +43,8 @@ from arle_runtime.errors import ArleError
 from .base import Lowered, ShapePlan
 from .cpu import export_dim, export_step, program_ranges
 from .kernels import (
-    FusedDecodeSpec, FusedMoeSpec, PagedDecodeSpec, load_kernel_module, render_fused_decode, render_fused_moe,
-    render_paged_decode,
+    FusedDecodeSpec, FusedMoeSpec, PagedDecodeSpec, PrefillAttentionSpec, load_kernel_module, render_fused_decode,
+    render_fused_moe, render_paged_decode, render_prefill_attention,
 )
 from .decode_tuning import projection_shapes, render_skinny, swap_in, swap_out, tune, tune_attention_splits
 
@@ -59,11 +59,14 @@ MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far
 TUNE_ENV = "ARLEC_TUNE_DECODE"
 # "0" builds no decode_fused program (for comparisons; the runtime can also ignore one).
 FUSED_ENV = "ARLEC_FUSED_DECODE"
-# "expanded": the prefill program's attention repeats K/V per query head so that SDPA's
-# memory-efficient kernel takes the step's mask. Off by default until measured: on an
-# H100 the default (enable_gqa + mask) ran SDPA's fp32 math path, about half of a
-# 8 x 128 prefill call's 7.3 ms (docs/perf/cuda-h200.md, 2026-12-07 night).
+# The prefill program's attention. "kernel": templates/prefill_attention.py.j2, rendered for
+# the model's shape; "gqa": SDPA with enable_gqa and the step's mask, which on an H100 ran
+# SDPA's fp32 math path, about half of a 8 x 128 prefill call's 7.3 ms (docs/perf/
+# cuda-h200.md, 2026-12-07 night); "expanded": SDPA over K/V repeated per query head, so
+# its memory-efficient kernel takes the mask.
 PREFILL_ATTENTION_ENV = "ARLEC_PREFILL_ATTENTION"
+PREFILL_ATTENTION_CHOICES = ("kernel", "gqa", "expanded")
+DEFAULT_PREFILL_ATTENTION = "gqa"
 # The fused kernels multiply 16 rows per program (tl.dot's minimum), so up to 16 they read
 # each weight once; above that cuBLAS's tiles win and decode_paged serves the batch.
 FUSED_MAX_BATCH = 16
@@ -142,6 +145,13 @@ def prefill_attention_backends():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def prefill_attention_choice() -> str:
+    attention = os.environ.get(PREFILL_ATTENTION_ENV, DEFAULT_PREFILL_ATTENTION)
+    if attention not in PREFILL_ATTENTION_CHOICES:
+        raise ArleError(f"{PREFILL_ATTENTION_ENV} must be one of {', '.join(PREFILL_ATTENTION_CHOICES)}, got {attention!r}.")
+    return attention
+
+
 def compile_package(exported, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -167,6 +177,7 @@ class CudaTarget:
             raise ArleError(
                 f"The cuda target does not support --quant {quant_scheme} yet; choose one of {', '.join(SUPPORTED_QUANTS)}."
             )
+        prefill_attention_choice()  # a bad value fails before the model loads
         device = require_gpu()
         if quant_scheme == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
             raise ArleError("--quant fp8 needs fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
@@ -219,9 +230,14 @@ class CudaTarget:
         progress("export + compile prefill (AOTInductor)")
         model.use_split_attention(False)
         set_moe_kernel(moe_blocks, moe and moe.prefill_moe)
-        attention = os.environ.get(PREFILL_ATTENTION_ENV, "gqa")
-        if attention not in ("gqa", "expanded"):
-            raise ArleError(f"{PREFILL_ATTENTION_ENV} must be 'gqa' or 'expanded', got {attention!r}.")
+        attention = prefill_attention_choice()
+        if attention == "kernel":
+            prefill_path = out_dir / "kernels" / "prefill_attention.py"
+            prefill_path.write_text(render_prefill_attention(PrefillAttentionSpec(
+                head_dim=cfg.head_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                kv_dtype=str(model.compute_dtype).removeprefix("torch."))))
+            files.append(prefill_path)
+            model.use_prefill_kernel(load_kernel_module(prefill_path).prefill_attention)
         model.use_expanded_kv(attention == "expanded")
         try:
             with prefill_attention_backends():
@@ -229,6 +245,7 @@ class CudaTarget:
         finally:
             set_moe_kernel(moe_blocks, None)
             model.use_expanded_kv(False)
+            model.use_prefill_kernel(None)
         progress("export + compile paged decode (AOTInductor)")
         saved = model.paged_attention
         model.paged_attention = kernel.paged_decode_attention
@@ -244,7 +261,9 @@ class CudaTarget:
         fused = self.lower_fused(model, plan, out_dir, progress, device)
 
         programs = {
-            "prefill": {"path": "cuda/prefill.pt2", "format": "aoti", **program_ranges(plan, True)},
+            "prefill": {"path": "cuda/prefill.pt2", "format": "aoti", **program_ranges(plan, True),
+                        "attention": attention,
+                        "kernels": ["kernels/prefill_attention.py"] if attention == "kernel" else []},
             "decode_paged": {
                 "path": "cuda/decode_paged.pt2",
                 "format": "aoti",

@@ -108,6 +108,47 @@ def load_kernel_module(path: Path):
     return module
 
 
+PREFILL_ATTENTION_TEMPLATE = "prefill_attention.py.j2"
+
+
+@dataclass(frozen=True)
+class PrefillAttentionSpec:
+    """What the prefill attention kernel is specialised on (templates/prefill_attention.py.j2).
+    The past it reads is the dense [B, Hkv, P, D] the runtime gathers from the pool."""
+
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    kv_dtype: str  # the gathered past's dtype (converted to q's on load)
+    block_m: int = 64  # new tokens per program
+    block_n: int = 64  # key positions per step of the online softmax
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ArleError(f"{self.num_heads} query heads do not divide into {self.num_kv_heads} KV heads.")
+        if self.head_dim & (self.head_dim - 1) or not 16 <= self.head_dim <= 256:
+            raise ArleError(f"The prefill attention kernel needs a power-of-two head dim in 16..256, got {self.head_dim}.")
+
+    def variables(self) -> dict:
+        return {
+            "head_dim": self.head_dim,
+            "num_heads": self.num_heads,
+            "group": self.num_heads // self.num_kv_heads,
+            "kv_dtype": self.kv_dtype,
+            "block_m": self.block_m,
+            "block_n": self.block_n,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+            "scale": repr(self.head_dim**-0.5),
+        }
+
+
+def render_prefill_attention(spec: PrefillAttentionSpec) -> str:
+    return render_op(PREFILL_ATTENTION_TEMPLATE, spec.variables(), "prefill_attention")
+
+
 FUSED_DECODE_TEMPLATE = "fused_decode.py.j2"
 
 

@@ -65,6 +65,13 @@ def test_cuda_build_refuses_a_batch_of_one(tmp_path):
     assert not (tmp_path / "b.arle").exists()
 
 
+def test_cuda_build_refuses_an_unknown_prefill_attention(tmp_path):
+    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "bf16", "--out", str(tmp_path / "b.arle"),
+                   env={"ARLEC_PREFILL_ATTENTION": "flash"})
+    assert_clean_error(proc, "ARLEC_PREFILL_ATTENTION must be one of kernel, gqa, expanded, got 'flash'")
+    assert not (tmp_path / "b.arle").exists()
+
+
 def test_cuda_build_refuses_quantizations_it_lacks(tmp_path):
     proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "int8", "--out", str(tmp_path / "b.arle"))
     assert_clean_error(proc, "does not support --quant int8")
@@ -270,6 +277,28 @@ def test_tuned_decode_kernels_compile_into_the_program_and_keep_greedy_tokens(bu
     assert {m["choice"] for m in decode["projection_matmuls"].values()} == {"kernel"}
     assert decode["attention_splits"]["chosen"] > 1 and decode["kernel_spec"]["splits"] > 1
     assert "kernels/skinny_matmul.py" in decode["kernels"]
+    assert_verifies(out)
+    assert_greedy_equals_transformers(out, tiny_checkpoint(bundle_dir))
+
+
+@needs_gpu
+@pytest.mark.parametrize("attention", ["kernel", "gqa"])
+def test_each_prefill_attention_compiles_into_the_program_and_keeps_greedy_tokens(bundle_dir, attention):
+    """The generated prefill kernel (templates/prefill_attention.py.j2) and SDPA end to end:
+    whichever is not the default is built here (the default is in cuda_bundle)."""
+    from arle_targets.cuda import DEFAULT_PREFILL_ATTENTION
+
+    if attention == DEFAULT_PREFILL_ATTENTION:
+        pytest.skip("the default is what cuda_bundle builds")
+    out = bundle_dir / f"tiny-prefill-{attention}-cuda.arle"
+    proc = run_cli("arlec", "build", "--model", str(tiny_checkpoint(bundle_dir)), "--target", "cuda", "--quant", "bf16",
+                   "--max-batch", "16", "--max-context", "512", "--out", str(out), "--force",
+                   env={**os.environ, "ARLEC_PREFILL_ATTENTION": attention})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prefill = json.loads((out / "manifest.json").read_text())["programs"]["prefill"]
+    assert prefill["attention"] == attention
+    assert prefill["kernels"] == (["kernels/prefill_attention.py"] if attention == "kernel" else [])
+    assert all((out / path).is_file() for path in prefill["kernels"])
     assert_verifies(out)
     assert_greedy_equals_transformers(out, tiny_checkpoint(bundle_dir))
 
