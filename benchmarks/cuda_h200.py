@@ -164,6 +164,8 @@ def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKEN
             out[f"throughput_c{c}_tok_s"] = round(summary["output_tok_s"], 1)
             out[f"ttft_ms_p50_c{c}"] = summary["ttft_ms"]["p50"]
             out[f"accepted_ms_p50_c{c}"] = summary["accepted_ms"]["p50"]  # of TTFT, before the engine had it
+            out[f"server_parse_ms_p50_c{c}"] = summary["server_parse_ms"]["p50"]  # of that, in the handler
+            out[f"server_queue_ms_p50_c{c}"] = summary["server_queue_ms"]["p50"]
             out[f"itl_ms_p50_c{c}"] = summary["itl_ms"]["p50"]
             out[f"errors_c{c}"] = summary["errors"]
             out[f"client_cpu_busy_c{c}"] = client_stats["client_cpu_busy"]  # near 1.0: the clients were the limit

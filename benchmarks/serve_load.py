@@ -164,10 +164,20 @@ class Server:
 # ---------------------------------------------------------------- load
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """`parse;dur=0.41, queue;dur=1.2` -> {"parse": 0.41, "queue": 1.2} (ms)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        with contextlib.suppress(ValueError):
+            out[name] = float(dur)
+    return out
+
+
 async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> dict:
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "repeat_penalty": 1.0, "stream": True, "stream_options": {"include_usage": True}}
-    rec = {"ttft_s": None, "accepted_s": None, "gaps_s": [], "chunks": 0, "usage": None, "finish_reason": None,
+    rec = {"ttft_s": None, "accepted_s": None, "server_ms": {}, "gaps_s": [], "chunks": 0, "usage": None, "finish_reason": None,
            "error": None}
     t0 = time.perf_counter()
     last = None
@@ -175,6 +185,7 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ma
         async with client.stream("POST", server.base + "/v1/completions", json=body) as r:
             # the response's headers: the request is parsed, tokenized and queued in the engine
             rec["accepted_s"] = time.perf_counter() - t0
+            rec["server_ms"] = server_timing(r.headers.get("server-timing", ""))
             if r.status_code != 200:
                 rec["error"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return rec
@@ -299,6 +310,11 @@ def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1000 if values else None
 
 
+def median_ms(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
 def summarize(records: list[dict], wall: float, concurrency: int) -> dict:
     ok = [r for r in records if r["error"] is None]
     ttft = [r["ttft_s"] for r in ok]
@@ -317,6 +333,10 @@ def summarize(records: list[dict], wall: float, concurrency: int) -> dict:
         "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99), "mean": float(np.mean(ttft)) * 1000 if ttft else None},
         # time to the response's headers, the part of TTFT spent before the engine had the request
         "accepted_ms": {"p50": pct([r["accepted_s"] for r in ok], 50)},
+        # of which in the server's handler (its Server-Timing header): reading and parsing the
+        # body and tokenizing; queueing in the engine (with the engine process's ack)
+        "server_parse_ms": {"p50": median_ms([r["server_ms"].get("parse") for r in ok])},
+        "server_queue_ms": {"p50": median_ms([r["server_ms"].get("queue") for r in ok])},
         "itl_ms": {"p50": pct(gaps, 50), "p99": pct(gaps, 99), "mean": float(np.mean(gaps)) * 1000 if gaps else None},
         "e2e_ms": {"p50": pct([r["e2e_s"] for r in ok], 50), "p99": pct([r["e2e_s"] for r in ok], 99)},
         "itl_samples": len(gaps),

@@ -156,6 +156,16 @@ def test_completions_and_include_usage(client, model):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_stream_says_where_its_time_before_the_headers_went(server, model):
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=TIMEOUT) as r:
+        assert r.status_code == 200
+        timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+        r.read()
+    assert set(timing) == {"parse", "queue"} and all(0 < float(ms) < 10_000 for ms in timing.values())
+
+
 def test_32_concurrent_streams_match_alone(client, model):
     alone = _chat_stream_text(client, model)
     with ThreadPoolExecutor(32) as pool:
