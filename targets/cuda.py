@@ -4,7 +4,9 @@ Two programs, both compiled at build time on the GPU they are for (Inductor tune
 compiles Triton kernels for that card; the .pt2 holds the cubins):
 
 - prefill: the step contract of arle_models.layers over a dense past (chunked prefill;
-  the runtime gathers the sequence's past pages), attention by SDPA.
+  the runtime gathers the sequence's past pages), attention by the Triton kernel rendered
+  from templates/prefill_attention.py.j2 (flash attention over [past | new] with per-row
+  past lengths; ARLEC_PREFILL_ATTENTION picks SDPA instead).
 - decode_paged: one token per sequence reading the past straight from the paged KV pool
   through the page table, with the Triton kernel rendered from
   templates/paged_decode_attention.py.j2 for this model's head dim, GQA ratio, page size
@@ -59,14 +61,16 @@ MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far
 TUNE_ENV = "ARLEC_TUNE_DECODE"
 # "0" builds no decode_fused program (for comparisons; the runtime can also ignore one).
 FUSED_ENV = "ARLEC_FUSED_DECODE"
-# The prefill program's attention. "kernel": templates/prefill_attention.py.j2, rendered for
-# the model's shape; "gqa": SDPA with enable_gqa and the step's mask, which on an H100 ran
-# SDPA's fp32 math path, about half of a 8 x 128 prefill call's 7.3 ms (docs/perf/
-# cuda-h200.md, 2026-12-07 night); "expanded": SDPA over K/V repeated per query head, so
-# its memory-efficient kernel takes the mask.
+# The prefill program's attention. "kernel" (default): templates/prefill_attention.py.j2,
+# rendered for the model's shape; "gqa": SDPA with enable_gqa and the step's mask, which
+# CUDA runs on SDPA's fp32 math path; "expanded": SDPA over K/V repeated per query head, so
+# its memory-efficient kernel takes the mask. On an H100 (2-layer Qwen3-0.6B bundles,
+# docs/perf/cuda-h100-prefill-attention.json) a 8 x 128 prefill call took 0.347 ms of GPU
+# time with the kernel, 0.454 expanded, 0.573 gqa; one layer's attention at 64 x 128,
+# 0.068 ms against 0.223 and 0.957.
 PREFILL_ATTENTION_ENV = "ARLEC_PREFILL_ATTENTION"
 PREFILL_ATTENTION_CHOICES = ("kernel", "gqa", "expanded")
-DEFAULT_PREFILL_ATTENTION = "gqa"
+DEFAULT_PREFILL_ATTENTION = "kernel"
 # The fused kernels multiply 16 rows per program (tl.dot's minimum), so up to 16 they read
 # each weight once; above that cuBLAS's tiles win and decode_paged serves the batch.
 FUSED_MAX_BATCH = 16

@@ -311,6 +311,8 @@ def test_cuda_bundle_manifest_names_its_programs_kernels_and_buckets(cuda_bundle
     decode = manifest["programs"]["decode_paged"]
     assert (cuda_bundle / decode["path"]).is_file() and (cuda_bundle / decode["kernels"][0]).is_file()
     assert decode["kernel_spec"]["group"] == 4 and decode["kernel_spec"]["head_dim"] == 64
+    prefill = manifest["programs"]["prefill"]
+    assert prefill["attention"] == "kernel" and (cuda_bundle / prefill["kernels"][0]).is_file()
 
 
 def test_the_prefill_program_may_not_bake_in_cudnn_attention():
