@@ -23,6 +23,14 @@ PAGED_DECODE_TEMPLATE = "paged_decode_attention.py.j2"
 _loaded: dict[str, object] = {}  # source hash -> module (an op name may be registered once per process)
 
 
+def check_heads(kernel: str, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """The head shapes the attention kernels tile: whole GQA groups, tl.dot-sized head dims."""
+    if num_heads % num_kv_heads:
+        raise ArleError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads.")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ArleError(f"The {kernel} kernel needs a power-of-two head dim in 16..256, got {head_dim}.")
+
+
 @dataclass(frozen=True)
 class PagedDecodeSpec:
     """What the paged decode kernel is specialised on."""
@@ -38,10 +46,7 @@ class PagedDecodeSpec:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ArleError(f"{self.num_heads} query heads do not divide into {self.num_kv_heads} KV heads.")
-        if self.head_dim & (self.head_dim - 1) or not 16 <= self.head_dim <= 256:
-            raise ArleError(f"The paged attention kernel needs a power-of-two head dim in 16..256, got {self.head_dim}.")
+        check_heads("paged attention", self.num_heads, self.num_kv_heads, self.head_dim)
         if self.block_n % self.page_size and self.page_size % self.block_n:
             raise ArleError(f"Block of {self.block_n} positions does not tile pages of {self.page_size}.")
 
@@ -126,10 +131,7 @@ class PrefillAttentionSpec:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ArleError(f"{self.num_heads} query heads do not divide into {self.num_kv_heads} KV heads.")
-        if self.head_dim & (self.head_dim - 1) or not 16 <= self.head_dim <= 256:
-            raise ArleError(f"The prefill attention kernel needs a power-of-two head dim in 16..256, got {self.head_dim}.")
+        check_heads("prefill attention", self.num_heads, self.num_kv_heads, self.head_dim)
 
     def variables(self) -> dict:
         return {
