@@ -6,6 +6,7 @@ iteration only; CI builds fresh)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -15,6 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from arle_models import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +42,30 @@ def run_check_script(script: str, *args: str, interpreted: bool) -> None:
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO,
                           timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def assert_attention_variant_matches(variant, dtype, chunk_lengths, device: str = "cpu"):
+    """A copy of a small GQA model with `variant` applied gives the default model's outputs
+    (logits, new K/V) for ragged pasts and each chunk length (tests/models/test_fusion.py;
+    tests/targets/test_prefill_kernel.py runs it in Triton's interpreter and on a GPU)."""
+    cfg = ModelConfig("qwen3", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().to(device, dtype)
+    changed = variant(copy.deepcopy(model))
+    B, P = 3, 9
+    past_k = torch.randn(cfg.num_layers, B, 2, P, 16, dtype=dtype, device=device)
+    past_v = torch.randn_like(past_k)
+    past_lens = torch.tensor([9, 4, 0], device=device)
+    for T in chunk_lengths:
+        args = (torch.randint(0, 256, (B, T), device=device), past_lens[:, None] + torch.arange(T, device=device),
+                past_k, past_v, past_lens, torch.full((B,), T - 1, device=device))
+        with torch.no_grad():
+            expected, got = model(*args), changed(*args)
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    return changed
 
 
 def default_sigint() -> None:

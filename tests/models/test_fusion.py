@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from arle_models import ModelConfig, build_model
+from conftest import assert_attention_variant_matches
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -23,38 +24,15 @@ def test_fused_projections_give_identical_logits(arch):
     assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in names)
 
 
-def _assert_attention_variant_matches(variant, dtype, chunk_lengths):
-    """A copy of a small GQA model with `variant` applied gives the default model's outputs
-    (logits, new K/V) for ragged pasts and each chunk length."""
-    cfg = ModelConfig("qwen3", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=6,
-                      num_kv_heads=2, head_dim=16, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval().to(dtype)
-    changed = variant(copy.deepcopy(model))
-    B, P = 3, 9
-    past_k = torch.randn(cfg.num_layers, B, 2, P, 16, dtype=dtype)
-    past_v = torch.randn_like(past_k)
-    past_lens = torch.tensor([9, 4, 0])
-    for T in chunk_lengths:
-        args = (torch.randint(0, 256, (B, T)), past_lens[:, None] + torch.arange(T), past_k, past_v, past_lens,
-                torch.full((B,), T - 1))
-        with torch.no_grad():
-            expected, got = model(*args), changed(*args)
-        tol = 1e-5 if dtype == torch.float32 else 5e-2
-        for a, b in zip(got, expected):
-            torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
-    return changed
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_past_attention_matches_sdpa(dtype):
     """The decode program's attention (no cache concatenation) equals SDPA, ragged pasts included."""
-    _assert_attention_variant_matches(lambda m: m.use_split_attention(True), dtype, (1, 3))
+    assert_attention_variant_matches(lambda m: m.use_split_attention(True), dtype, (1, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_expanded_kv_attention_matches_gqa_sdpa(dtype):
     """The cuda prefill option (K/V repeated per query head, no enable_gqa) gives the
     default path's outputs, ragged pasts and multi-token chunks included."""
-    expanded = _assert_attention_variant_matches(lambda m: m.use_expanded_kv(True), dtype, (1, 4))
+    expanded = assert_attention_variant_matches(lambda m: m.use_expanded_kv(True), dtype, (1, 4))
     assert all(layer.self_attn.expand_kv for layer in expanded.layers)
