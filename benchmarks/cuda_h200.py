@@ -91,14 +91,11 @@ def engine_numbers(bundle: Path) -> dict:
     }
     if session.executor.use_graphs:
         out.update(graph_replay_ms(session.executor))
+    out["prefill_graphs"] = len(session.executor.prefill_graphs._graphs) if session.executor.prefill_graphs else 0
+    out["prefill_graphs_off"] = session.executor.prefill_graphs_off
+    out["prefill_capture_s"] = round(session.executor.prefill_warmup_s, 2)  # or the warm-up without graphs
     for c in (16, 64):
-        prompts = [prompt_ids(1000 + i) for i in range(c)]
-        engine.generate(prompts[:2], greedy)
-        started = time.perf_counter()
-        results = engine.generate(prompts, greedy)
-        elapsed = time.perf_counter() - started
-        out[f"engine_c{c}_tok_s"] = round(sum(len(r.token_ids) for r in results) / elapsed, 1)
-        out[f"engine_c{c}_ttft_ms_p50"] = round(sorted(r.ttft_s for r in results)[c // 2] * 1000, 1)
+        out.update(concurrent(engine, c, greedy))
     variants = {}  # batch 1 with each speed-up taken away, same process and weights
     if "decode_fused" in session.executor.decode_programs:
         session.executor.run_only("decode_paged")
@@ -111,10 +108,33 @@ def engine_numbers(bundle: Path) -> dict:
         variants["decode_bs1_tok_s_without_lookahead"] = max(sync.generate([prompt_ids(0)], greedy)[0].decode_tok_s
                                                             for _ in range(3))
         del sync
+    if session.executor.prefill_graphs is not None:  # the same, with every prefill calling the program directly
+        os.environ["ARLE_PREFILL_GRAPHS"] = "0"
+        try:
+            direct = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=64))
+        finally:
+            os.environ.pop("ARLE_PREFILL_GRAPHS")
+        direct.generate([prompt_ids(99)], greedy)
+        variants["ttft_bs1_ms_without_prefill_graphs"] = min(
+            direct.generate([prompt_ids(0)], greedy)[0].ttft_s for _ in range(3)) * 1000
+        for c in (16, 64):
+            variants.update({f"{k}_without_prefill_graphs": v for k, v in concurrent(direct, c, greedy).items()})
+        del direct
     out.update({k: round(v, 1) for k, v in variants.items()})
     del engine, session
     torch.cuda.empty_cache()
     return out
+
+
+def concurrent(engine, c: int, greedy) -> dict:
+    """Output tok/s and TTFT p50 of `c` requests submitted together, through the engine in process."""
+    prompts = [prompt_ids(1000 + i) for i in range(c)]
+    engine.generate(prompts[:2], greedy)
+    started = time.perf_counter()
+    results = engine.generate(prompts, greedy)
+    elapsed = time.perf_counter() - started
+    return {f"engine_c{c}_tok_s": round(sum(len(r.token_ids) for r in results) / elapsed, 1),
+            f"engine_c{c}_ttft_ms_p50": round(sorted(r.ttft_s for r in results)[c // 2] * 1000, 1)}
 
 
 def prompt_logits(executor, ids: list[int]) -> torch.Tensor:
@@ -136,19 +156,20 @@ def graph_replay_ms(executor, replays: int = 300, buckets=(1, 8, 16, 64)) -> dic
 
 
 def server_numbers(bundle: Path, levels=(1, 16, 64), max_tokens: int = NEW_TOKENS, one_process: bool = False,
-                   client_processes: int = 8, http_processes: int = 1) -> dict:
+                   client_processes: int = 8, http_processes: int = 1, extra_env: dict | None = None) -> dict:
     """Output tok/s, TTFT and ITL through `arle-runtime serve` on loopback (benchmarks/serve_load.py's
     closed-loop clients, spread over `client_processes` processes: a single one spends ~170 us of CPU
     per token and can be the limit at c64); needs starlette and uvicorn (carry their wheels to the GPU machine).
     `one_process`: `serve --one-process` (the engine in the server's process), keys suffixed so;
-    `http_processes` > 1: `serve --http-processes N`, keys suffixed `_httpN`."""
+    `http_processes` > 1: `serve --http-processes N`, keys suffixed `_httpN`; `extra_env`: the
+    server's environment on top of this one's."""
     from serve_load import Server, SpreadClients, free_port, summarize
 
     port = free_port()
     exe = shutil.which("arle-runtime") or Path(sys.executable).with_name("arle-runtime")  # PATH first: benchmarks/gpu_env.sh
     server = Server("arle", [str(exe), "serve", str(bundle), "--port", str(port), "--max-batch", "64", "--no-verify",
                              *(["--one-process"] if one_process else []), "--http-processes", str(http_processes)],
-                    port, dict(os.environ), Path("/tmp/arle-serve.log"))
+                    port, {**os.environ, **(extra_env or {})}, Path("/tmp/arle-serve.log"))
     out = {}
 
     server.start()
@@ -279,6 +300,8 @@ def main() -> None:
                         help="with --server: also c16/c64 through `serve --one-process`, for the ratio")
     parser.add_argument("--server-http-processes", type=int, default=4,
                         help="with --server: also c16/c64 through `serve --http-processes N` (N > 1; 1: not)")
+    parser.add_argument("--server-without-prefill-graphs", action="store_true",
+                        help="with --server: also c1/c64 with ARLE_PREFILL_GRAPHS=0, for the ratio")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="with --server: load-client processes (a single one can be the limit at c64)")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
@@ -353,6 +376,11 @@ def main() -> None:
             phase("server_http_processes", lambda: server_numbers(
                 bundle, (16, 64), client_processes=args.client_processes, http_processes=args.server_http_processes))
         phase("server", lambda: server_numbers(bundle, client_processes=args.client_processes))
+        if args.server_without_prefill_graphs:
+            phase("server_without_prefill_graphs", lambda: {
+                f"{k}_without_prefill_graphs": v for k, v in server_numbers(
+                    bundle, (1, 64), client_processes=args.client_processes,
+                    http_processes=args.server_http_processes, extra_env={"ARLE_PREFILL_GRAPHS": "0"}).items()})
         if args.server_one_process:
             phase("server_one_process", lambda: server_numbers(bundle, (16, 64), one_process=True,
                                                                  client_processes=args.client_processes))

@@ -6,7 +6,10 @@ same shape once warm, and where a warm call's GPU time goes.
 Calls the prefill program directly (no engine) with an empty past, for (rows, tokens)
 shapes the engine sends when prompts of 128 tokens are admitted together, and longer
 single chunks. Each shape is timed on its first call in this process and as the mean of
-5 warm calls; then torch.profiler records kernels of warm calls at 8 x 128.
+5 warm calls; beside it, on a GPU, the same call through the executor's prefill graphs
+(runtime/prefill_graphs.py: the bucket it pads to, the mean of 5 warm calls with the host's
+input copy, and the replay's GPU time alone). Then torch.profiler records kernels of warm
+program calls at 8 x 128.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ def main() -> None:
     ex = session.executor
     dev = ex.device
     vocab = min(50000, session.tokenizer.get_vocab_size())
-    out = {"bundle": session.bundle.name, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "command": "python " + " ".join(sys.argv),
+    graphs = engine = None
+    if dev.type == "cuda":  # an engine binds a pool, which captures the prefill graphs
+        from arle_runtime.engine import Engine, EngineConfig
+
+        engine = Engine(ex, session.tokenizer, (), EngineConfig(max_batch=ex.limits.max_batch))
+        graphs = ex.prefill_graphs
+    out = {"bundle": session.bundle.name, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "command": "python " + " ".join(sys.argv),
            "open_s": round(time.perf_counter() - started, 2), "limits": vars(ex.limits), "shapes": []}
     on_gpu = dev.type == "cuda"  # the CPU runs it too, as a check of the script
 
@@ -70,8 +80,16 @@ def main() -> None:
         warm = timed(fn, 5)
         out["shapes"].append({"rows": rows, "tokens": tokens, "first_ms": round(first, 2), "warm_ms": round(warm, 2),
                               "warm_tok_s": round(rows * tokens / warm * 1000)})
+        bucket = graphs and graphs.bucket(rows, tokens)
+        if bucket:
+            ids = torch.randint(3, vocab, (rows, tokens)).tolist()
+            slots = [[ex._scratch] * tokens] * rows  # timing only: every position into the scratch slot
+            graph_ms = timed(lambda: graphs.run(bucket, ids, slots), 5)
+            out["shapes"][-1].update({"graph_bucket": list(bucket), "graph_warm_ms": round(graph_ms, 2),
+                                      "graph_gpu_ms": round(graphs.replay_ms(bucket), 3),
+                                      "graph_speedup": round(warm / graph_ms, 2)})
         print(out["shapes"][-1], flush=True)
-    fn = call(min(8, ex.limits.max_batch), 128)
+    fn = call(min(8, ex.limits.max_batch), min(128, ex.limits.max_prefill_tokens))
     timed(fn, 2)
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * on_gpu) as prof:
         for _ in range(5):
@@ -83,6 +101,7 @@ def main() -> None:
                             "kernels_per_call": sum(e.count for e in events if e.self_device_time_total > 0) / 5,
                             "table": events.table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                                   max_name_column_width=80).splitlines()}
+    del engine  # held until here: the graphs write its pool
     text = json.dumps(out, indent=1)
     print("\n".join(out["profile_8x128"]["table"]))
     if args.out:

@@ -5,8 +5,10 @@ bundle's safetensors to the GPU once and handed to both programs. When the engin
 its KV pool, one CUDA graph is captured per decode bucket of the manifest (1, 2, 4, 8,
 16, ...); a decode step pads its batch up to the next bucket, copies one small host
 buffer in (tokens, positions, slots, page table) and replays the graph, which runs the
-paged-decode program and writes the new K/V into the pool. Prefill chunks run the
-prefill program directly (their shapes vary too much for graphs).
+paged-decode program and writes the new K/V into the pool. Fresh prompts (no past) are
+prefilled from graphs too, one per (rows, tokens) bucket (runtime/prefill_graphs.py);
+chunks with a past run the prefill program directly. ARLE_PREFILL_GRAPHS=0 sends every
+chunk to the program directly (for comparisons).
 
 A bundle may hold a second decode program, decode_fused (small batches, fewer and
 larger kernels; targets/cuda.py): its graphs are captured too, every graph's replay is
@@ -27,6 +29,7 @@ from .engine.model_runner import to_pool_dtype
 from .errors import ArleError
 from .executor import AotiExecutor
 from .preload import libstdcxx_problem
+from .prefill_graphs import PrefillGraphs, prefill_buckets
 
 log = logging.getLogger("arle.cuda")
 
@@ -80,6 +83,8 @@ class CudaGraphExecutor(AotiExecutor):
         self._feed = torch.zeros(FEED_ROWS, dtype=torch.long, device=device)
         self.graph_capture_s = 0.0
         self.prefill_warmup_s = 0.0
+        self.prefill_graphs: PrefillGraphs | None = None  # bind_kv_pool
+        self.prefill_graphs_off = ""  # why there are none, when there are none
         self._sharded = "tensor_parallel" in bundle.manifest
         self.route: dict[int, tuple[str, int]] = {}  # batch size -> (program, bucket), from measured replay times
         self.replay_ms: dict[tuple[str, int], float] = {}
@@ -121,6 +126,7 @@ class CudaGraphExecutor(AotiExecutor):
         started = time.perf_counter()
         self._k_pool, self._v_pool, self._scratch = k_pool, v_pool, scratch_slot
         self._graphs.clear()
+        self.prefill_graphs = None  # the old pool's: let their memory go before capturing anew
         self._pool = torch.cuda.graph_pool_handle()
         for bucket in sorted(self.decode_buckets, reverse=True):  # largest first: the rest reuse its memory
             inputs = torch.zeros(bucket, _TABLE + self.table_width, dtype=torch.long, device=self.device)
@@ -139,10 +145,38 @@ class CudaGraphExecutor(AotiExecutor):
         self.graph_capture_s = time.perf_counter() - started
         # A tensor-parallel shard would need its peers in step (untested: no multi-GPU machine).
         sharded = self._sharded
-        if os.environ.get("ARLE_PREFILL_WARMUP", "1") != "0" and not sharded and not self.lazy:
-            started = time.perf_counter()
-            self.warm_prefill()
-            self.prefill_warmup_s = time.perf_counter() - started
+        started = time.perf_counter()
+        self.prefill_graphs = self._capture_prefill_graphs()
+        if self.prefill_graphs is None and os.environ.get("ARLE_PREFILL_WARMUP", "1") != "0" and not sharded \
+                and not self.lazy:
+            self.warm_prefill()  # the graphs' capture warms the same calls up
+        self.prefill_warmup_s = time.perf_counter() - started
+
+    def _capture_prefill_graphs(self) -> PrefillGraphs | None:
+        """The fresh-prompt prefill graphs over the bound pool, or None (with the reason in
+        prefill_graphs_off): not for a one-prompt `run` (lazy: one call would pay for the
+        capture), tensor-parallel ranks, hybrid models (their recurrent state would need its
+        own pool writes) or with graphs off."""
+        off = {"ARLE_CUDA_GRAPHS=0": not self.use_graphs, "lazy capture": self.lazy,
+               "tensor-parallel rank": self._sharded, "hybrid model": self.config.is_hybrid,
+               "ARLE_PREFILL_GRAPHS=0": os.environ.get("ARLE_PREFILL_GRAPHS", "1") == "0"}
+        self.prefill_graphs_off = next((why for why, applies in off.items() if applies), "")
+        if self.prefill_graphs_off:
+            return None
+        limits = self.limits
+        budget = max(limits.max_prefill_tokens, self.prefill_token_budget)
+        graphs = PrefillGraphs(self._programs["prefill"], self._k_pool, self._v_pool, self._scratch, self.cache_shape,
+                               self.compute_dtype, prefill_buckets(limits.max_batch, limits.max_prefill_tokens, budget),
+                               pool=self._pool)
+        try:
+            graphs.capture()
+        except Exception as e:  # noqa: BLE001 - serving works without them; say so loudly
+            self.prefill_graphs_off = f"capture failed: {type(e).__name__}: {e}"
+            log.warning("prefill graphs were not captured (%s); prefill chunks call the program directly",
+                        self.prefill_graphs_off)
+            torch.cuda.synchronize()
+            return None
+        return graphs
 
     def _capture(self, program: str, bucket: int) -> None:
         """The graph of `program` at batch `bucket` (or, with graphs off, its warm-up only)."""

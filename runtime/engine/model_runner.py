@@ -155,6 +155,8 @@ class ModelRunner:
             if self.state:
                 executor.bind_state_pool(self.state, pages.num_state_slots)
             executor.bind_kv_pool(self.k, self.v, self.scratch_slot)
+        # cuda: fresh prompts' calls replayed from graphs that write the pool (runtime/prefill_graphs.py)
+        self.prefill_graphs = getattr(executor, "prefill_graphs", None) if self.paged else None
         self._offsets = torch.arange(pages.page_size, device=executor.device)
         self._layer_index = torch.arange(lay.num_layers, device=executor.device)[:, None, None, None]
         self._head_index = torch.arange(lay.num_kv_heads, device=executor.device)[None, None, :, None]
@@ -233,6 +235,11 @@ class ModelRunner:
         inside the context, and its K/V is dropped."""
         seqs, starts = [c.seq for c in chunks], [c.start for c in chunks]
         width = max(c.length for c in chunks)
+        if self.prefill_graphs is not None and not self.state and not any(starts):
+            bucket = self.prefill_graphs.bucket(len(chunks), width)
+            if bucket is not None:  # no past to gather: a graph replay writes the pool itself
+                return self.prefill_graphs.run(bucket, [c.token_ids for c in chunks],
+                                               [self.pages.slots(c.seq, 0, c.length) for c in chunks])
         past_k, past_v = self.gather(seqs, starts)
         pad = [width - c.length for c in chunks]
         tokens = self._long([c.token_ids + [0] * n for c, n in zip(chunks, pad)])

@@ -356,9 +356,23 @@ LOAD_AND_GENERATE = textwrap.dedent("""
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     together = [r.token_ids for r in engine.generate(prompts, greedy)]
     alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
+    prefill = session.executor.prefill_graphs
     print(json.dumps({"inductor": dict(counters["inductor"]), "together": together, "alone": alone,
-                      "graphs": sorted(f"{p}/{b}" for p, b in session.executor._graphs)}))
+                      "graphs": sorted(f"{p}/{b}" for p, b in session.executor._graphs),
+                      "prefill_buckets": sorted(prefill._graphs) if prefill else [],
+                      "prefill_graphs_off": session.executor.prefill_graphs_off}))
 """)
+
+
+@needs_gpu
+def test_fresh_prompts_prefill_from_graphs_and_keep_every_greedy_token(cuda_bundle):
+    """The engine's prompts through the captured prefill buckets give the tokens they give
+    through the program called directly (ARLE_PREFILL_GRAPHS=0)."""
+    graphs = load_and_generate(cuda_bundle)
+    direct = load_and_generate(cuda_bundle, {**os.environ, "ARLE_PREFILL_GRAPHS": "0"})
+    assert graphs["prefill_graphs_off"] == "" and [1, 16] in graphs["prefill_buckets"], graphs["prefill_graphs_off"]
+    assert direct["prefill_buckets"] == [] and direct["prefill_graphs_off"] == "ARLE_PREFILL_GRAPHS=0"
+    assert graphs["together"] == direct["together"] and graphs["alone"] == direct["alone"]
 
 
 @needs_gpu
