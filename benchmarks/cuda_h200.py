@@ -38,7 +38,8 @@ def prompt_ids(seed: int, n: int = PROMPT_TOKENS, vocab: int = 151936) -> list[i
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
-def build(ckpt: Path, bundle: Path, quant: str, max_batch: int, kv_dtype: str = "auto") -> float:
+def build(ckpt: Path, bundle: Path, quant: str, max_batch: int, kv_dtype: str = "auto") -> dict:
+    """build_s, and build_stages: seconds per stage from `arlec build`'s closing table."""
     started = time.perf_counter()
     proc = subprocess.run(
         ["arlec", "build", "--model", str(ckpt), "--target", "cuda", "--quant", quant, "--max-batch", str(max_batch),
@@ -47,7 +48,13 @@ def build(ckpt: Path, bundle: Path, quant: str, max_batch: int, kv_dtype: str = 
     )
     if proc.returncode:
         raise SystemExit(f"build failed:\n{proc.stderr[-4000:]}")
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    stages = {}
+    for line in proc.stdout.splitlines():
+        name, _, value = line.rstrip().rpartition(" ")
+        if name.strip() and name.strip() not in ("stage", "total") and value.replace(".", "", 1).isdigit():
+            stages[name.strip()] = float(value)
+    return {"build_s": round(seconds, 1), "build_stages": stages}
 
 
 def cold_start(bundle: Path) -> float:
@@ -357,7 +364,7 @@ def main() -> None:
         save()
 
     if not (bundle / "manifest.json").exists() and "build" not in skip:
-        phase("build_s", lambda: round(build(ckpt, bundle, args.quant, 64, args.kv_dtype), 1))
+        phase("build_s", lambda: build(ckpt, bundle, args.quant, 64, args.kv_dtype))
     if "cold" not in skip:
         phase("cold_start_s", lambda: round(min(cold_start(bundle) for _ in range(2)), 2))
     if "engine" not in skip:

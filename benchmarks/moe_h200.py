@@ -97,7 +97,7 @@ def main() -> None:
         write_checkpoint("qwen3-30b-a3b", ckpt, layers=args.layers)
         result["checkpoint_s"] = round(time.perf_counter() - started, 1)
     if not (bundle / "manifest.json").exists():
-        result["build_s"] = round(build(ckpt, bundle, "bf16", max(2, *batches)), 1)  # cuda needs --max-batch >= 2
+        result.update(build(ckpt, bundle, "bf16", max(2, *batches)))  # cuda needs --max-batch >= 2
     result.update(engine_tok_s(bundle, batches))
     result.update(hf_tok_s(ckpt, batches, result["greedy_ids"]))
     ours, theirs = result.pop("greedy_ids"), result.pop("hf_greedy_ids")
