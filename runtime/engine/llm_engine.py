@@ -251,17 +251,17 @@ class Engine:
         return self._greedy.launch(plan, logits)
 
     def _step_ahead(self) -> list[RequestOutput]:
-        """With a step in flight: queue the next decode step (its tokens fed from the
-        device), then read and hand out the step before it. When the next step cannot be
-        planned ahead (a prompt waits, pages run short), only read; the following step()
-        schedules normally."""
+        """With a step in flight: queue the next step (its decodes' tokens fed from the
+        device, greedy prompts admitted alongside), then read and hand out the step before
+        it. When the next step cannot be planned ahead (a sampled prompt waits, pages run
+        short), only read; the following step() schedules normally."""
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
         nxt = None
         with self._lock:
-            plan = self.scheduler.schedule_lookahead()
+            plan = self.scheduler.schedule_lookahead(eligible=lambda seq: plain_greedy(seq.params))
             if plan is not None:
-                self._in_flight = {seq.seq_id for seq in plan.decodes}
+                self._in_flight = {seq.seq_id for seq in plan.decodes} | {c.seq.seq_id for c in plan.prefills}
         if plan is not None:
             try:
                 try:

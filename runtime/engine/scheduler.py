@@ -199,24 +199,50 @@ class Scheduler:
             budget -= length
         return plan
 
-    def schedule_lookahead(self) -> StepPlan | None:
+    def schedule_lookahead(self, eligible=lambda seq: True) -> StepPlan | None:
         """Plan the next step while the last step's tokens are still PENDING on the device:
-        one decode per running sequence, except those that token ends by length. None
-        when the step needs anything this cannot give (a prefill, an admission, a
-        preemption), or has nothing to do: then the engine reads the tokens first and
-        schedules normally."""
-        if self.waiting:
+        one decode per running sequence (except those that token ends by length), then,
+        as schedule() does, prompt chunks of running sequences and admissions of waiting
+        ones, whose tokens are known on the host. Every prompt in the plan must be
+        `eligible` (the engine: plain greedy, so its token can stay on the device too).
+        None when the step needs what this cannot give (a preemption, a prompt that is not
+        eligible at the head of the queue, a decode of a token already read) or has nothing
+        to do: then the engine reads the tokens first and schedules normally."""
+        running = sorted(self.running, key=lambda s: s.order)
+        decodes = [s for s in running if s.last_token == PENDING and not self.will_stop_on_length(s)]
+        prompts = [s for s in running if s.last_token != PENDING]
+        if any(s.num_uncomputed != 1 for s in decodes) or any(s.num_uncomputed < 2 for s in prompts):
             return None
-        seqs = [s for s in sorted(self.running, key=lambda s: s.order) if not self.will_stop_on_length(s)]
-        if not seqs or any(s.num_uncomputed != 1 or s.last_token != PENDING for s in seqs):
-            return None
-        needed = sum(self.pages.pages_needed(s, s.num_computed + 1) for s in seqs)
+        if not all(map(eligible, prompts)) or (self.waiting and not eligible(self.waiting[0])):
+            return None  # strict FCFS: the normal path plans them (decided before any page moves)
+        needed = sum(self.pages.pages_needed(s, s.num_computed + 1) for s in decodes)
         if not self.pages.can_allocate(needed):
-            return None
-        plan = StepPlan(decodes=seqs)
-        for seq in seqs:
+            return None  # schedule() preempts
+        plan = StepPlan(decodes=decodes)
+        for seq in decodes:
             plan.copies += self.pages.prepare(seq, seq.num_computed + 1)
-        return plan
+        budget = self.config.max_num_batched_tokens - len(decodes)
+        for seq in prompts:  # a prompt's next chunk (admission reserved its pages)
+            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
+            if length and self.pages.can_allocate(self.pages.pages_needed(seq, seq.num_computed + length)):
+                plan.copies += self.pages.prepare(seq, seq.num_computed + length)
+                plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
+                budget -= length
+        while self.waiting and budget and len(self.running) < self.config.max_batch:
+            seq = self.waiting[0]
+            if not eligible(seq):
+                break  # a later arrival: the next schedule_lookahead returns None for it
+            copies = self.pages.try_admit(seq)
+            if copies is None:
+                break  # it waits for pages, as in schedule()
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            plan.copies += copies
+            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
+            plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
+            budget -= length
+        return plan if not plan.is_empty else None
 
     def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[StepOutput]:
         """Record a finished step: `sampled[i]` is the token drawn for `plan.sampling[i]`.

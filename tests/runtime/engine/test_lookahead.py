@@ -120,3 +120,61 @@ def test_lookahead_is_off_for_executors_that_cannot_feed_and_when_switched_off(e
     monkeypatch.setenv("ARLE_LOOKAHEAD", "0")
     assert _engine(engine_session, FeedShim(engine_session.executor))._greedy is None
     assert _engine(engine_session, FeedShim(engine_session.executor), lookahead=True)._greedy is not None
+
+
+def _closed_loop(engine, prompts, params, clients: int) -> tuple[dict[int, object], dict[str, int]]:
+    """`clients` requests at a time, each finished one replaced by the next prompt (as a
+    server's clients do): -> ({prompt index: result}, counts of planned-ahead steps that
+    admitted a prompt, and of those declined with a sampled prompt at the queue's head)."""
+    counts, plan_ahead = {"admitted": 0, "declined_sampled": 0}, engine.scheduler.schedule_lookahead
+
+    def counted(**kw):
+        head = engine.scheduler.waiting[0] if engine.scheduler.waiting else None
+        plan = plan_ahead(**kw)
+        counts["admitted"] += bool(plan and any(c.start == 0 for c in plan.prefills))
+        counts["declined_sampled"] += plan is None and head is not None and head.params.temperature > 0
+        # its tokens are argmaxed on the device: only plain greedy prompts may be in it
+        assert plan is None or all(c.seq.params.temperature == 0 for c in plan.prefills)
+        return plan
+
+    engine.scheduler.schedule_lookahead = counted
+    queue, live, results = list(enumerate(zip(prompts, params))), {}, {}
+    while queue or live:
+        while queue and len(live) < clients:
+            index, (prompt, p) = queue.pop(0)
+            live[engine.add_request(prompt, p)] = index
+        for out in engine.step():
+            if out.finished:
+                results[live.pop(out.request_id)] = out.result
+    return results, counts
+
+
+def test_prompts_arriving_while_a_step_is_in_flight_join_it_without_leaving_lookahead(engine_session):
+    """A closed loop's new prompts are admitted by the planned-ahead step (chunked ones
+    too), and every greedy token equals the one-request loop's."""
+    prompts = _prompts([5, 30, 40, 3, 12, 7, 21, 50, 9, 2], seed=21)  # 50: two chunks of at most 32
+    shim = FeedShim(engine_session.executor)
+    results, counts = _closed_loop(_engine(engine_session, shim, max_batch=4), prompts, [GREEDY] * len(prompts),
+                                   clients=3)
+    assert counts["admitted"] >= 3 and shim.fed_rows > 0
+    for index, prompt in enumerate(prompts):
+        assert results[index].token_ids == _alone(engine_session, prompt).token_ids
+
+
+def test_a_sampled_prompt_arriving_mid_flight_is_planned_normally(engine_session):
+    """Only greedy prompts join a planned-ahead step; a sampled one at the head of the queue
+    sends the engine back to a normal step, and its tokens are those of an engine without
+    lookahead."""
+    prompts = _prompts([6, 14, 9, 20, 4], seed=22)
+    sampled = SamplingParams(temperature=5.0, seed=5, max_tokens=12, ignore_eos=True)  # far from the argmax
+    # staggered lengths: each sampled prompt arrives while a greedy step is in flight
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (6, 40, 1, 30, 1)]
+    params[2] = params[4] = sampled
+    ahead, counts = _closed_loop(_engine(engine_session, FeedShim(engine_session.executor), max_batch=4), prompts,
+                                 params, clients=2)
+    assert counts["declined_sampled"] >= 1
+    plain, _ = _closed_loop(_engine(engine_session, FeedShim(engine_session.executor), max_batch=4, lookahead=False),
+                            prompts, params, clients=2)
+    for index in range(len(prompts)):
+        assert ahead[index].token_ids == plain[index].token_ids
+        assert PENDING not in ahead[index].token_ids
