@@ -27,6 +27,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 PROMPT_TOKENS, NEW_TOKENS = 128, 128
+# --server-ab: the server's environment with one change of 2026-12-08 taken out
+SERVER_AB = {
+    "no_prefill_graphs": {"ARLE_PREFILL_GRAPHS": "0"},  # every prefill calls the program directly
+    "decode_lookahead": {"ARLE_LOOKAHEAD": "decodes"},  # arrivals drain the lookahead pipeline
+}
 
 
 def log(msg: str) -> None:
@@ -307,8 +312,8 @@ def main() -> None:
                         help="with --server: also c16/c64 through `serve --one-process`, for the ratio")
     parser.add_argument("--server-http-processes", type=int, default=4,
                         help="with --server: also c16/c64 through `serve --http-processes N` (N > 1; 1: not)")
-    parser.add_argument("--server-without-prefill-graphs", action="store_true",
-                        help="with --server: also c1/c64 with ARLE_PREFILL_GRAPHS=0, for the ratio")
+    parser.add_argument("--server-ab", default="", help="with --server: also c1/c64 (--server-http-processes) "
+                        f"with these changes taken out, for the ratio: comma-separated of {', '.join(SERVER_AB)}")
     parser.add_argument("--client-processes", type=int, default=8,
                         help="with --server: load-client processes (a single one can be the limit at c64)")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers of the same shape (quick runs)")
@@ -383,11 +388,11 @@ def main() -> None:
             phase("server_http_processes", lambda: server_numbers(
                 bundle, (16, 64), client_processes=args.client_processes, http_processes=args.server_http_processes))
         phase("server", lambda: server_numbers(bundle, client_processes=args.client_processes))
-        if args.server_without_prefill_graphs:
-            phase("server_without_prefill_graphs", lambda: {
-                f"{k}_without_prefill_graphs": v for k, v in server_numbers(
+        for name in filter(None, args.server_ab.split(",")):  # the same server with a change taken out
+            phase(f"server_{name}", lambda name=name: {
+                f"{k}_{name}": v for k, v in server_numbers(
                     bundle, (1, 64), client_processes=args.client_processes,
-                    http_processes=args.server_http_processes, extra_env={"ARLE_PREFILL_GRAPHS": "0"}).items()})
+                    http_processes=args.server_http_processes, extra_env=SERVER_AB[name]).items()})
         if args.server_one_process:
             phase("server_one_process", lambda: server_numbers(bundle, (16, 64), one_process=True,
                                                                  client_processes=args.client_processes))

@@ -130,6 +130,9 @@ class Engine:
             lookahead = os.environ.get("ARLE_LOOKAHEAD", "1") != "0"
         capable = lookahead and getattr(executor, "lookahead_capable", False)
         self._greedy = DeviceGreedy(executor, max_batch) if capable else None
+        # ARLE_LOOKAHEAD=decodes: steps planned ahead carry decodes only (a waiting prompt
+        # drains the pipeline first, as before 2026-12-08; for comparisons)
+        self._admit_ahead = os.environ.get("ARLE_LOOKAHEAD", "1") != "decodes"
         self._inflight: InFlight | None = None  # a launched step whose tokens are not read yet
         self._requests: dict[int, _Request] = {}
         self._pending: list[RequestOutput] = []  # finals of aborts, handed out by the next step
@@ -259,7 +262,8 @@ class Engine:
         outputs: list[RequestOutput] = []
         nxt = None
         with self._lock:
-            plan = self.scheduler.schedule_lookahead(eligible=lambda seq: plain_greedy(seq.params))
+            plan = self.scheduler.schedule_lookahead(
+                eligible=lambda seq: self._admit_ahead and plain_greedy(seq.params))
             if plan is not None:
                 self._in_flight = {seq.seq_id for seq in plan.decodes} | {c.seq.seq_id for c in plan.prefills}
         if plan is not None:

@@ -178,3 +178,14 @@ def test_a_sampled_prompt_arriving_mid_flight_is_planned_normally(engine_session
     for index in range(len(prompts)):
         assert ahead[index].token_ids == plain[index].token_ids
         assert PENDING not in ahead[index].token_ids
+
+
+def test_lookahead_for_decodes_only_leaves_prompts_to_normal_steps(engine_session, monkeypatch):
+    monkeypatch.setenv("ARLE_LOOKAHEAD", "decodes")
+    prompts = _prompts([5, 30, 40, 3, 12, 7], seed=23)
+    shim = FeedShim(engine_session.executor)
+    results, counts = _closed_loop(_engine(engine_session, shim, max_batch=4), prompts, [GREEDY] * len(prompts),
+                                   clients=3)
+    assert counts["admitted"] == 0 and shim.fed_rows > 0
+    for index, prompt in enumerate(prompts):
+        assert results[index].token_ids == _alone(engine_session, prompt).token_ids
