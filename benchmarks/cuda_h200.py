@@ -108,6 +108,7 @@ def engine_numbers(bundle: Path) -> dict:
     out["prefill_capture_s"] = round(session.executor.prefill_warmup_s, 2)  # or the warm-up without graphs
     for c in (16, 64):
         out.update(concurrent(engine, c, greedy))
+    out.update(gpu_busy(engine, 64, greedy))
     variants = {}  # batch 1 with each speed-up taken away, same process and weights
     if "decode_fused" in session.executor.decode_programs:
         session.executor.run_only("decode_paged")
@@ -147,6 +148,41 @@ def concurrent(engine, c: int, greedy) -> dict:
     elapsed = time.perf_counter() - started
     return {f"engine_c{c}_tok_s": round(sum(len(r.token_ids) for r in results) / elapsed, 1),
             f"engine_c{c}_ttft_ms_p50": round(sorted(r.ttft_s for r in results)[c // 2] * 1000, 1)}
+
+
+def busy_seconds(intervals) -> float:
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def gpu_busy(engine, c: int, greedy, steps: int = 40) -> dict:
+    """With `c` requests decoding (their prompts done): wall time per engine step, and the
+    share of it the GPU spent running kernels (torch.profiler's kernel intervals, merged).
+    Well below 1: the host holds the GPU up."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(c):
+        engine.add_request(prompt_ids(3000 + i), greedy)
+    while engine.scheduler.waiting or any(s.num_uncomputed > 1 for s in engine.scheduler.running):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # no CPU op tracing: it would slow the host
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    while engine.has_work:
+        engine.step()
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {f"engine_c{c}_step_ms": round(wall / steps * 1000, 3),
+            f"engine_c{c}_gpu_busy_fraction": round(busy_seconds(kernels) / 1e6 / wall, 3) if kernels else None}
 
 
 def prompt_logits(executor, ids: list[int]) -> torch.Tensor:
