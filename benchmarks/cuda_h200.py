@@ -172,7 +172,9 @@ def gpu_busy(engine, c: int, greedy, steps: int = 40) -> dict:
     while engine.scheduler.waiting or any(s.num_uncomputed > 1 for s in engine.scheduler.running):
         engine.step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # no CPU op tracing: it would slow the host
+    # kernels only: tracing CPU ops would slow the host down (CPU activity on a machine without CUDA: a dry run)
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
         started = time.perf_counter()
         for _ in range(steps):
             engine.step()
