@@ -151,6 +151,11 @@ class CudaGraphExecutor(AotiExecutor):
                 and not self.lazy:
             self.warm_prefill()  # the graphs' capture warms the same calls up
         self.prefill_warmup_s = time.perf_counter() - started
+        if self.prefill_graphs is not None:
+            log.info("prefill graphs: %d buckets captured in %.2f s", len(self.prefill_graphs.buckets),
+                     self.prefill_warmup_s)
+        else:
+            log.info("no prefill graphs (%s): prompts call the prefill program directly", self.prefill_graphs_off)
 
     def _capture_prefill_graphs(self) -> PrefillGraphs | None:
         """The fresh-prompt prefill graphs over the bound pool, or None (with the reason in

@@ -365,11 +365,15 @@ LOAD_AND_GENERATE = textwrap.dedent("""
 
 
 @needs_gpu
-def test_fresh_prompts_prefill_from_graphs_and_keep_every_greedy_token(cuda_bundle):
+@pytest.mark.parametrize("kv", ["bf16", "fp8"])
+def test_fresh_prompts_prefill_from_graphs_and_keep_every_greedy_token(cuda_bundle, bundle_dir, kv):
     """The engine's prompts through the captured prefill buckets give the tokens they give
-    through the program called directly (ARLE_PREFILL_GRAPHS=0)."""
-    graphs = load_and_generate(cuda_bundle)
-    direct = load_and_generate(cuda_bundle, {**os.environ, "ARLE_PREFILL_GRAPHS": "0"})
+    through the program called directly (ARLE_PREFILL_GRAPHS=0); over an fp8 pool too,
+    which the graphs write through the same saturating cast."""
+    bundle = cuda_bundle if kv == "bf16" else build_tiny_cuda(bundle_dir, "tiny-fp8-kvfp8-cuda", "--quant", "fp8",
+                                                                "--kv-dtype", "fp8")
+    graphs = load_and_generate(bundle)
+    direct = load_and_generate(bundle, {**os.environ, "ARLE_PREFILL_GRAPHS": "0"})
     assert graphs["prefill_graphs_off"] == "" and [1, 16] in graphs["prefill_buckets"], graphs["prefill_graphs_off"]
     assert direct["prefill_buckets"] == [] and direct["prefill_graphs_off"] == "ARLE_PREFILL_GRAPHS=0"
     assert graphs["together"] == direct["together"] and graphs["alone"] == direct["alone"]
