@@ -29,7 +29,7 @@ from .engine.model_runner import to_pool_dtype
 from .errors import ArleError
 from .executor import AotiExecutor
 from .preload import libstdcxx_problem
-from .prefill_graphs import PrefillGraphs, prefill_buckets
+from .prefill_graphs import PrefillGraphs, prefill_buckets, time_replays
 
 log = logging.getLogger("arle.cuda")
 
@@ -269,15 +269,7 @@ class CudaGraphExecutor(AotiExecutor):
         if program is None:
             timed = [key for key in self.replay_ms if key[1] == bucket]
             program = min(timed, key=self.replay_ms.get)[0] if timed else "decode_paged"
-        graph = self._graphs[program, bucket][0]
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / replays
+        return time_replays(self._graphs[program, bucket][0], replays)
 
     def _paged_step(self, inputs: torch.Tensor, program: str = "decode_paged") -> torch.Tensor:
         # Every program input contiguous: AOTInductor assumes the strides it was compiled

@@ -27,6 +27,19 @@ PADDING_LIMIT = 1.5
 MIN_TOKENS = 16  # the smallest token bucket: shorter prompts pad to it
 
 
+def time_replays(graph: torch.cuda.CUDAGraph, replays: int = 10) -> float:
+    """Milliseconds per replay of `graph`, replays queued back to back (after one to warm
+    up), so the host never holds the GPU up: the GPU's time alone."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def prefill_buckets(max_batch: int, max_tokens: int, budget: int) -> list[tuple[int, int]]:
     """(rows, tokens) buckets: tokens 16, 32, ... up to the program's chunk (which is a
     bucket of its own when it is not a power of two), rows 1, 2, 4, ... up to the batch,
@@ -127,16 +140,8 @@ class PrefillGraphs:
         return self._logits[: len(token_rows)].clone()  # the next replay overwrites it
 
     def replay_ms(self, bucket: tuple[int, int], replays: int = 10) -> float:
-        """GPU time of one call of `bucket`, replays queued back to back (benchmarks)."""
-        graph = self._graphs[bucket]
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / replays
+        """GPU time of one call of `bucket` (benchmarks)."""
+        return time_replays(self._graphs[bucket], replays)
 
     def _fill(self, bucket, token_rows, slot_rows) -> None:
         """Write a call into this turn's host buffer. Padding: a row's extra tokens repeat

@@ -171,13 +171,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed == 1:
                 continue
-            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
-            # Admission reserved the prompt's pages, so this needs none (short of a
-            # copy for a forked tail); it never preempts sequences already planned.
-            if self.pages.can_allocate(self.pages.pages_needed(seq, seq.num_computed + length)):
-                plan.copies += self.pages.prepare(seq, seq.num_computed + length)
-                plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
-                budget -= length
+            budget = self._next_chunk(seq, plan, budget)
         # After a preemption the pool is tight: admitting now would only evict again.
         while self.waiting and not plan.preempted and budget and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
@@ -190,13 +184,7 @@ class Scheduler:
                 self._finish(seq, "length")
                 plan.finished.append(seq)
                 continue
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            plan.copies += copies
-            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
-            plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
-            budget -= length
+            budget = self._admit_head(copies, plan, budget)
         return plan
 
     def schedule_lookahead(self, eligible=lambda seq: True) -> StepPlan | None:
@@ -222,26 +210,16 @@ class Scheduler:
         for seq in decodes:
             plan.copies += self.pages.prepare(seq, seq.num_computed + 1)
         budget = self.config.max_num_batched_tokens - len(decodes)
-        for seq in prompts:  # a prompt's next chunk (admission reserved its pages)
-            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
-            if length and self.pages.can_allocate(self.pages.pages_needed(seq, seq.num_computed + length)):
-                plan.copies += self.pages.prepare(seq, seq.num_computed + length)
-                plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
-                budget -= length
+        for seq in prompts:
+            if budget:
+                budget = self._next_chunk(seq, plan, budget)
         while self.waiting and budget and len(self.running) < self.config.max_batch:
-            seq = self.waiting[0]
-            if not eligible(seq):
+            if not eligible(self.waiting[0]):
                 break  # a later arrival: the next schedule_lookahead returns None for it
-            copies = self.pages.try_admit(seq)
+            copies = self.pages.try_admit(self.waiting[0])
             if copies is None:
                 break  # it waits for pages, as in schedule()
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            plan.copies += copies
-            length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
-            plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
-            budget -= length
+            budget = self._admit_head(copies, plan, budget)
         return plan if not plan.is_empty else None
 
     def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[StepOutput]:
@@ -324,6 +302,28 @@ class Scheduler:
         ):
             return "length"
         return None
+
+    def _next_chunk(self, seq: Sequence, plan: StepPlan, budget: int) -> int:
+        """Plan the next chunk of a running sequence's prompt; returns the budget left.
+        Admission reserved the prompt's pages, so this needs none (short of a copy for a
+        forked tail); it never preempts sequences already planned."""
+        length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
+        if self.pages.can_allocate(self.pages.pages_needed(seq, seq.num_computed + length)):
+            plan.copies += self.pages.prepare(seq, seq.num_computed + length)
+            plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
+            budget -= length
+        return budget
+
+    def _admit_head(self, copies: list[PageCopy], plan: StepPlan, budget: int) -> int:
+        """Move the head of the queue (admitted by try_admit, which gave `copies`) into the
+        running set with its first chunk; returns the budget left."""
+        seq = self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        plan.copies += copies
+        length = min(budget, self.config.max_prefill_chunk, seq.num_uncomputed)
+        plan.prefills.append(PrefillChunk(seq, seq.num_computed, length))
+        return budget - length
 
     def _reserve(self, seq: Sequence, length: int, plan: StepPlan) -> bool:
         """Pages for a decode's next `length` tokens, preempting later arrivals if
