@@ -1,13 +1,17 @@
 """Where a decode step's GPU time goes: torch.profiler over engine decode steps of a cuda
 bundle with CUDA graphs off (so each kernel is recorded), kernels sorted by CUDA time.
 
-    python benchmarks/cuda_profile_decode.py BUNDLE [--batch 1] [--steps 20]
+    python benchmarks/cuda_profile_decode.py BUNDLE [--batch 1] [--steps 20] [--program decode_fused] [--out F]
+
+`--program` runs every step on one decode program (without graphs the runtime would pick
+decode_paged); the kernels per step say how many launches a graph replay holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ["ARLE_CUDA_GRAPHS"] = "0"
 
@@ -18,6 +22,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--program", choices=("decode_paged", "decode_fused"), default="decode_paged")
+    parser.add_argument("--out", help="also write the table and counts as json here")
     args = parser.parse_args()
     from arle_runtime.preload import reexec_with_system_libstdcxx
 
@@ -30,6 +36,7 @@ def main() -> None:
     from arle_runtime.session import Session
 
     session = Session.open(args.bundle, verify=False)
+    session.executor.run_only(args.program)
     engine = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=max(args.batch, 1)))
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     for i in range(args.batch):
@@ -41,9 +48,20 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90)
-    print(f"batch {args.batch}, {args.steps} decode steps; divide totals by {args.steps} for one step")
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90)
+    kernels = sum(e.count for e in events if e.self_device_time_total > 0) / args.steps
+    gpu_ms = sum(e.self_device_time_total for e in events) / args.steps / 1000
+    print(f"{args.program}, batch {args.batch}, {args.steps} decode steps; divide totals by {args.steps} for one step")
+    print(f"{kernels:.0f} kernels and {gpu_ms:.3f} ms of GPU time per step")
     print(table)
+    if args.out:
+        import json
+
+        with open(args.out, "w") as f:
+            json.dump({"command": "python " + " ".join(sys.argv), "program": args.program, "batch": args.batch,
+                       "kernels_per_step": kernels, "gpu_ms_per_step": round(gpu_ms, 4),
+                       "table": table.splitlines()}, f, indent=1)
 
 
 if __name__ == "__main__":
