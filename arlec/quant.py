@@ -25,7 +25,7 @@ from torch import nn
 from arle_models import CausalLM
 from arle_models.moe import Experts, Int8Experts
 from arle_models.quant_layers import (
-    FP8_MAX, Fp8Linear, Int4CudaLinear, Int4Linear, Int4MetalLinear, Int8Embedding, Int8Linear,
+    FP8_MAX, Fp8Linear, Int4CudaLinear, Int4Linear, Int4MetalLinear, Int8CudaLinear, Int8Embedding, Int8Linear,
 )
 from arle_runtime.errors import ArleError
 
@@ -116,8 +116,8 @@ def _fp8_linear(weight: torch.Tensor, dtype: torch.dtype) -> Fp8Linear:
     return mod
 
 
-def _int8_linear(linear: nn.Linear, dtype: torch.dtype) -> Int8Linear:
-    mod = Int8Linear(linear.in_features, linear.out_features, dtype)
+def _int8_linear(linear: nn.Linear, dtype: torch.dtype, kernels: str = "cpu") -> nn.Module:
+    mod = (Int8CudaLinear if kernels == "cuda" else Int8Linear)(linear.in_features, linear.out_features, dtype)
     mod.weight, scales = quantize_int8_rows(linear.weight.data)
     mod.scales = scales.to(dtype)
     return mod
@@ -171,7 +171,7 @@ def quantize_model(model: CausalLM, quant: QuantSpec, kernels: str = "cpu") -> C
         elif quant.scheme == "int8" or (kernels == "cpu" and linear.out_features % 16):
             # ATen's CPU int4 packing needs N % 16 == 0; narrow layers (Qwen3.5's per-head
             # beta/decay projections, a shared-expert gate) stay int8.
-            new = _int8_linear(linear, dtype)
+            new = _int8_linear(linear, dtype, kernels)
         else:
             new = _int4_linear(linear, quant.group_size, dtype, kernels)
         setattr(parent, name, new)
@@ -179,7 +179,7 @@ def quantize_model(model: CausalLM, quant: QuantSpec, kernels: str = "cpu") -> C
         head_weight = model.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
         model.lm_head = _fp8_linear(head_weight.data, dtype)  # a tied head gets its own fp8 copy
         return _cast_floats(model, dtype)
-    if kernels in ("cuda", "metal"):  # int4 on cuda/metal: no int8 gather/GEMV kernels there, so these stay float
+    if kernels in ("cuda", "metal"):  # int8/int4 there: no int8 gather/GEMV kernels for these, so they stay float
         return model.to(dtype)
     embedding = Int8Embedding(model.config.vocab_size, model.config.hidden_size, dtype)
     embedding.weight, scales = quantize_int8_rows(model.embed_tokens.weight.data)

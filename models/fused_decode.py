@@ -18,7 +18,7 @@ swaps them in (`FusedOps`). Each rounds where the unfused eager path rounds (aft
 norm, after each projection), so both paths agree to bf16 rounding.
 
 A linear is given as (weight, scale, bias): `scale` is None for float weights and the
-per-output-channel float32 scale of an fp8 weight (weight-only: the kernels widen fp8
+per-output-channel scale of an fp8 or int8 weight (weight-only: the kernels widen those
 weights as they load them, which halves the bytes read at small batch).
 """
 
@@ -100,16 +100,17 @@ class FusedOps:
 
 
 def linear_parts(module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(weight, fp8 scale or None, bias or None) of a float nn.Linear or an Fp8Linear."""
+    """(weight, per-channel scale or None, bias or None) of a float nn.Linear, an Fp8Linear or
+    an Int8CudaLinear (the kernels widen fp8 and int8 weights alike as they load them)."""
     scale = getattr(module, "scales", None)
     return module.weight, None if scale is None else scale.reshape(-1), getattr(module, "bias", None)
 
 
 def fusable(model) -> str | None:
     """Why `model` cannot take the fused decode path, or None when it can: dense MLPs,
-    fused q/k/v and gate/up projections, float (bf16/fp16) or fp8 weights."""
+    fused q/k/v and gate/up projections, float (bf16/fp16), fp8 or int8 weights."""
     from .layers import MLP
-    from .quant_layers import Fp8Linear
+    from .quant_layers import Fp8Linear, Int8CudaLinear
 
     if model.config.is_hybrid:
         return "hybrid linear-attention layers"
@@ -120,7 +121,7 @@ def fusable(model) -> str | None:
             return "mixture-of-experts or unfused projections"
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             # exact types: a tensor-parallel RowParallelLinear is an nn.Linear with an all-reduce
-            if type(lin) not in (torch.nn.Linear, Fp8Linear):
+            if type(lin) not in (torch.nn.Linear, Fp8Linear, Int8CudaLinear):
                 return f"{type(lin).__name__} weights"
     if type(model.embed_tokens) is not torch.nn.Embedding:
         return f"{type(model.embed_tokens).__name__} embeddings"

@@ -1,5 +1,6 @@
 """Quantized layers swapped in for nn.Linear: weight-only int8/int4 (ATen's CPU kernels,
-tinygemm's CUDA int4 kernel) and fp8 e4m3 weights with dynamic fp8 activations (Hopper).
+tinygemm's CUDA int4 kernel, a generated CUDA int8 kernel) and fp8 e4m3 weights with
+dynamic fp8 activations (Hopper).
 
 The stored tensors are exactly what the kernels take, so a bundle loads with no
 re-quantization or repacking.
@@ -99,6 +100,31 @@ class Int4CudaLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, shape[-1]), self.weight, self.group_size, self.scales_and_zeros)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class Int8CudaLinear(nn.Module):
+    """Int8Linear's tensors (int8 weight [N, K], one scale per output channel) for the cuda
+    target, multiplied by the generated kernel the target sets as `kernel`
+    (templates/int8_matmul.py.j2: the weight widened as it loads, the scale in the
+    epilogue). Without one (the build's eager reference, the CPU tests) the same product
+    in plain torch: the int8 values are exact in bf16/fp16, and the scale is applied to the
+    fp32 product."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype))
+        self.kernel = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.kernel is not None:
+            out = self.kernel(x, self.weight, self.scales)
+        else:
+            out = (torch.matmul(x.float(), self.weight.t().float()) * self.scales.float()).to(x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
 

@@ -22,6 +22,10 @@ compiles Triton kernels for that card; the .pt2 holds the cubins):
   attention kernel), for the small batches where kernel count, not bytes, sets the
   time. The runtime times both programs' graphs per bucket at load and runs the faster.
 
+`--quant int8` (weight-only, one scale per output channel) multiplies through the kernel
+rendered from templates/int8_matmul.py.j2 in prefill and decode_paged, and through the
+fused kernels (which widen int8 weights as they load them) in decode_fused.
+
 Weights stay outside the packages (the runtime loads the bundle's safetensors onto the GPU
 and hands them to the programs), so a load compiles nothing.
 """
@@ -40,17 +44,18 @@ from torch.export import Dim
 from arle_models import CausalLM
 from arle_models.layers import PagedDecodeStep
 from arle_models.moe import Experts, Qwen3MoeBlock
+from arle_models.quant_layers import Int8CudaLinear
 from arle_runtime.errors import ArleError
 
 from .base import Lowered, ShapePlan
 from .cpu import export_dim, export_step, program_ranges
 from .kernels import (
-    FusedDecodeSpec, FusedMoeSpec, PagedDecodeSpec, PrefillAttentionSpec, load_kernel_module, render_fused_decode,
-    render_fused_moe, render_paged_decode, render_prefill_attention,
+    FusedDecodeSpec, FusedMoeSpec, Int8MatmulSpec, PagedDecodeSpec, PrefillAttentionSpec, load_kernel_module,
+    render_fused_decode, render_fused_moe, render_int8_matmul, render_paged_decode, render_prefill_attention,
 )
 from .decode_tuning import projection_shapes, render_skinny, swap_in, swap_out, tune, tune_attention_splits
 
-SUPPORTED_QUANTS = ("bf16", "fp16", "fp8", "int4")
+SUPPORTED_QUANTS = ("bf16", "fp16", "fp8", "int8", "int4")
 PAGE_SIZE = 16
 MAX_POOL_SLOTS = 1 << 26  # the pool's slot dim is dynamic; 64M positions is far past any card
 # "1": time the generated decode variants on this GPU at build and keep the faster ones
@@ -74,6 +79,12 @@ DEFAULT_PREFILL_ATTENTION = "kernel"
 # The fused kernels multiply 16 rows per program (tl.dot's minimum), so up to 16 they read
 # each weight once; above that cuBLAS's tiles win and decode_paged serves the batch.
 FUSED_MAX_BATCH = 16
+
+
+def set_int8_kernel(linears, kernel) -> None:
+    """The int8 matmul op for the program being exported (None: the plain-torch product)."""
+    for linear in linears:
+        linear.kernel = kernel
 
 
 def set_moe_kernel(blocks, kernel) -> None:
@@ -221,6 +232,15 @@ class CudaTarget:
             files.append(skinny_path)
             skinny = load_kernel_module(skinny_path).skinny_linear
 
+        int8_linears = [m for m in model.modules() if isinstance(m, Int8CudaLinear)]
+        int8 = None
+        if int8_linears:
+            int8_path = out_dir / "kernels" / "int8_matmul.py"
+            int8_path.write_text(render_int8_matmul(Int8MatmulSpec(
+                num_sms=torch.cuda.get_device_properties(device).multi_processor_count)))
+            files.append(int8_path)
+            int8 = load_kernel_module(int8_path)
+
         moe_blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, Qwen3MoeBlock)]
         moe = None
         if moe_blocks:
@@ -234,6 +254,7 @@ class CudaTarget:
         progress("export + compile prefill (AOTInductor)")
         model.use_split_attention(False)
         set_moe_kernel(moe_blocks, moe and moe.prefill_moe)
+        set_int8_kernel(int8_linears, int8 and int8.int8_linear_prefill)
         attention = prefill_attention_choice()
         if attention == "kernel":
             prefill_path = out_dir / "kernels" / "prefill_attention.py"
@@ -248,6 +269,7 @@ class CudaTarget:
                 compile_package(export_step(model, plan, prefill=True, device=device), out_dir / "cuda" / "prefill.pt2")
         finally:
             set_moe_kernel(moe_blocks, None)
+            set_int8_kernel(int8_linears, None)
             model.use_expanded_kv(False)
             model.use_prefill_kernel(None)
         progress("export + compile paged decode (AOTInductor)")
@@ -255,19 +277,22 @@ class CudaTarget:
         model.paged_attention = kernel.paged_decode_attention
         swapped = swap_in(model, tuning.configs, skinny) if skinny else []  # prefill keeps cuBLAS: many rows
         set_moe_kernel(moe_blocks, moe and moe.decode_moe)
+        set_int8_kernel(int8_linears, int8 and int8.int8_linear_decode)
         try:
             compile_package(export_paged_decode(model, plan, device), out_dir / "cuda" / "decode_paged.pt2")
         finally:
             model.paged_attention = saved
             swap_out(swapped)
             set_moe_kernel(moe_blocks, None)
+            set_int8_kernel(int8_linears, None)
 
         fused = self.lower_fused(model, plan, out_dir, progress, device)
 
         programs = {
             "prefill": {"path": "cuda/prefill.pt2", "format": "aoti", **program_ranges(plan, True),
                         "attention": attention,
-                        "kernels": ["kernels/prefill_attention.py"] if attention == "kernel" else []},
+                        "kernels": (["kernels/prefill_attention.py"] if attention == "kernel" else [])
+                        + (["kernels/int8_matmul.py"] if int8 else [])},
             "decode_paged": {
                 "path": "cuda/decode_paged.pt2",
                 "format": "aoti",

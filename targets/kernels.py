@@ -217,3 +217,26 @@ class FusedMoeSpec:
 
 def render_fused_moe(spec: FusedMoeSpec) -> str:
     return render_op(FUSED_MOE_TEMPLATE, spec.variables(), "fused_moe")
+
+
+INT8_MATMUL_TEMPLATE = "int8_matmul.py.j2"
+
+
+@dataclass(frozen=True)
+class Int8MatmulSpec:
+    """The weight-only int8 matmul's tiles (templates/int8_matmul.py.j2). Decode takes 16 rows
+    per program (tl.dot's least) and spreads a weight over the multiprocessors by output
+    channels; prefill takes 64 x 64 tiles. Not yet timed on a GPU."""
+
+    num_sms: int
+    decode: tuple = (16, 256, 4, 3)  # block_m, block_k, warps, stages (block_n from the weight's rows)
+    prefill: tuple = (64, 64, 64, 4, 3)  # block_m, block_n, block_k, warps, stages
+
+    def variables(self) -> dict:
+        decode = dict(zip(("block_m", "block_k", "num_warps", "num_stages"), self.decode))
+        prefill = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), self.prefill))
+        return {"num_sms": self.num_sms, "decode": decode, "prefill": prefill}
+
+
+def render_int8_matmul(spec: Int8MatmulSpec) -> str:
+    return render_op(INT8_MATMUL_TEMPLATE, spec.variables(), "int8_linear")

@@ -73,8 +73,8 @@ def test_cuda_build_refuses_an_unknown_prefill_attention(tmp_path):
 
 
 def test_cuda_build_refuses_quantizations_it_lacks(tmp_path):
-    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "int8", "--out", str(tmp_path / "b.arle"))
-    assert_clean_error(proc, "does not support --quant int8")
+    proc = run_cli("arlec", "build", "--target", "cuda", "--quant", "fp32", "--out", str(tmp_path / "b.arle"))
+    assert_clean_error(proc, "does not support --quant fp32")
 
 
 @pytest.mark.parametrize("target,quant", [("cpu", "fp8"), ("cpu", "bf16"), ("onnx", "fp32")])
@@ -248,13 +248,18 @@ def cuda_bundle(bundle_dir) -> Path:
 
 @needs_gpu
 @pytest.mark.parametrize("name,args", [("tiny-fp8-kvfp8-cuda", ("--quant", "fp8", "--kv-dtype", "fp8")),
-                                       ("tiny-int4-cuda", ("--quant", "int4", "--group-size", "64"))])
+                                       ("tiny-int4-cuda", ("--quant", "int4", "--group-size", "64")),
+                                       ("tiny-int8-cuda", ("--quant", "int8"))])
 def test_quantized_cuda_bundles_build_and_verify(bundle_dir, name, args):
     bundle = build_tiny_cuda(bundle_dir, name, *args)
     manifest = json.loads((bundle / "manifest.json").read_text())
     if "fp8" in name:
         assert manifest["kv_cache"]["dtype"] == "float8_e4m3fn"
         assert manifest["programs"]["decode_paged"]["kernel_spec"]["kv_dtype"] == "float8_e4m3fn"
+    if "int8" in name:  # the generated int8 matmul in both programs, and the fused program built over int8
+        assert "kernels/int8_matmul.py" in manifest["programs"]["prefill"]["kernels"]
+        assert "kernels/int8_matmul.py" in manifest["programs"]["decode_paged"]["kernels"]
+        assert "decode_fused" in manifest["programs"], manifest["programs"]["decode_paged"].get("fused_decode")
     proc = run_cli("arlec", "verify", str(bundle))
     assert proc.returncode == 0, proc.stderr + proc.stdout
 

@@ -43,7 +43,7 @@ def test_fused_spec_refuses_shapes_the_kernels_cannot_do():
 
 # One script, run on the CPU in Triton's interpreter (fp16) and on a GPU (bf16): every op
 # against its specification over several batch sizes (one past the 16-row M tile), with
-# and without bias, per-head norm, an fp8 weight, a pool whose first row has no past.
+# and without bias, per-head norm, an fp8 and an int8 weight, a pool whose first row has no past.
 OPS_CHECK = textwrap.dedent("""
     import pathlib, sys, tempfile, torch
     from arle_targets.kernels import FusedDecodeSpec, load_kernel_module, render_fused_decode
@@ -80,6 +80,10 @@ OPS_CHECK = textwrap.dedent("""
             got = mod.norm_linear_op(x, nw, w8, scale, None, 1e-6)
             want = ref.norm_linear(x.double(), nw.double(), w8, scale.double(), None, 1e-6)
             assert rel(got, want) < tol, ("norm_linear fp8", B, rel(got, want))
+            w_int8 = torch.randint(-127, 128, (n_qkv, hidden), generator=g, device=device).to(torch.int8)
+            got = mod.norm_linear_op(x, nw, w_int8, scale / 100, None, 1e-6)  # the cuda target's --quant int8
+            want = ref.norm_linear(x.double(), nw.double(), w_int8, scale.double() / 100, None, 1e-6)
+            assert rel(got, want) < tol, ("norm_linear int8", B, rel(got, want))
             wg = rand(2 * inter, hidden, scale=hidden ** -0.5)
             got = mod.norm_gated_up_op(x, nw, wg, None, None, 1e-6)
             want = ref.norm_gated_up(x.double(), nw.double(), wg.double(), None, None, 1e-6)
