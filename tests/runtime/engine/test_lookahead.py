@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 import torch
 
 from arle_runtime.engine import Engine, EngineConfig
