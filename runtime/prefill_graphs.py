@@ -82,7 +82,7 @@ class PrefillGraphs:
         self._cache_shape, self._past_dtype = cache_shape, past_dtype
         # per bucket: device inputs (tokens | positions | slots | last, one flat buffer so a
         # call is one copy), two host buffers taking turns (the engine's lookahead may write
-        # a step's inputs while the previous copy is queued), the graph and its logits.
+        # a step's inputs while the previous copy is queued), and the graph.
         self._inputs: dict[tuple[int, int], torch.Tensor] = {}
         self._hosts: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._turn: dict[tuple[int, int], int] = {}
