@@ -5,9 +5,9 @@ bundle's safetensors to the GPU once and handed to both programs. When the engin
 its KV pool, one CUDA graph is captured per decode bucket of the manifest (1, 2, 4, 8,
 16, ...); a decode step pads its batch up to the next bucket, copies one small host
 buffer in (tokens, positions, slots, page table) and replays the graph, which runs the
-paged-decode program and writes the new K/V into the pool. Fresh prompts (no past) are
-prefilled from graphs too, one per (rows, tokens) bucket (runtime/prefill_graphs.py);
-chunks with a past run the prefill program directly. ARLE_PREFILL_GRAPHS=0 sends every
+paged-decode program and writes the new K/V into the pool. Prefill chunks are replayed
+from graphs too, one per (rows, tokens, past) bucket (runtime/prefill_graphs.py); calls
+no bucket holds run the prefill program directly. ARLE_PREFILL_GRAPHS=0 sends every
 chunk to the program directly (for comparisons).
 
 A bundle may hold a second decode program, decode_fused (small batches, fewer and
@@ -158,7 +158,7 @@ class CudaGraphExecutor(AotiExecutor):
             log.info("no prefill graphs (%s): prompts call the prefill program directly", self.prefill_graphs_off)
 
     def _capture_prefill_graphs(self) -> PrefillGraphs | None:
-        """The fresh-prompt prefill graphs over the bound pool, or None (with the reason in
+        """The prefill graphs over the bound pool, or None (with the reason in
         prefill_graphs_off): not for a one-prompt `run` (lazy: one call would pay for the
         capture), tensor-parallel ranks, hybrid models (their recurrent state would need its
         own pool writes) or with graphs off."""
@@ -171,7 +171,8 @@ class CudaGraphExecutor(AotiExecutor):
         limits = self.limits
         budget = max(limits.max_prefill_tokens, self.prefill_token_budget)
         graphs = PrefillGraphs(self._programs["prefill"], self._k_pool, self._v_pool, self._scratch, self.cache_shape,
-                               self.compute_dtype, prefill_buckets(limits.max_batch, limits.max_prefill_tokens, budget),
+                               self.compute_dtype,
+                               prefill_buckets(limits.max_batch, limits.max_prefill_tokens, budget, limits.max_context),
                                pool=self._pool)
         try:
             graphs.capture()

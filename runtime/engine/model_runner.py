@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import ArleError
@@ -155,7 +156,7 @@ class ModelRunner:
             if self.state:
                 executor.bind_state_pool(self.state, pages.num_state_slots)
             executor.bind_kv_pool(self.k, self.v, self.scratch_slot)
-        # cuda: fresh prompts' calls replayed from graphs that write the pool (runtime/prefill_graphs.py)
+        # cuda: prefill calls replayed from graphs that gather the past and write the pool (runtime/prefill_graphs.py)
         self.prefill_graphs = getattr(executor, "prefill_graphs", None) if self.paged else None
         self._offsets = torch.arange(pages.page_size, device=executor.device)
         self._layer_index = torch.arange(lay.num_layers, device=executor.device)[:, None, None, None]
@@ -235,11 +236,12 @@ class ModelRunner:
         inside the context, and its K/V is dropped."""
         seqs, starts = [c.seq for c in chunks], [c.start for c in chunks]
         width = max(c.length for c in chunks)
-        if self.prefill_graphs is not None and not self.state and not any(starts):
-            bucket = self.prefill_graphs.bucket(len(chunks), width)
-            if bucket is not None:  # no past to gather: a graph replay writes the pool itself
-                return self.prefill_graphs.run(bucket, [c.token_ids for c in chunks],
-                                               [self.pages.slots(c.seq, 0, c.length) for c in chunks])
+        if self.prefill_graphs is not None and not self.state:
+            bucket = self.prefill_graphs.bucket(len(chunks), width, max(starts))
+            if bucket is not None:  # a graph replay gathers the past and writes the pool itself
+                return self.prefill_graphs.run(
+                    bucket, [c.token_ids for c in chunks], [self.pages.slots(c.seq, c.start, c.length) for c in chunks],
+                    starts, [self._past_slots(c.seq, c.start) for c in chunks])
         past_k, past_v = self.gather(seqs, starts)
         pad = [width - c.length for c in chunks]
         tokens = self._long([c.token_ids + [0] * n for c, n in zip(chunks, pad)])
@@ -281,6 +283,12 @@ class ModelRunner:
         rows = self._long([seq.state_slot for seq in seqs])
         for pool, new in zip(self.state, state):
             pool[:, rows] = new.to(pool.dtype)
+
+    def _past_slots(self, seq: Sequence, length: int) -> np.ndarray:
+        """Slots of positions [0, length) on the host, from the page table with numpy."""
+        ps = self.pages.page_size
+        table = np.asarray(seq.page_table[: -(-length // ps)], dtype=np.int64)
+        return (table[:, None] * ps + np.arange(ps)).reshape(-1)[:length]
 
     def _slots(self, seq: Sequence, length: int) -> torch.Tensor:
         """Slots of positions [0, length), built from the page table as a tensor

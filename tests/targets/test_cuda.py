@@ -358,6 +358,8 @@ LOAD_AND_GENERATE = textwrap.dedent("""
     session = Session.open(sys.argv[1])
     engine = Engine(session.executor, session.tokenizer, (), EngineConfig(max_batch=16))
     prompts = [[3 + (7 * i + j) % 4000 for j in range(5 + 13 * i)] for i in range(11)]
+    prefix = [11 + j for j in range(48)]  # run alone one after the other, the second hits the prefix cache
+    prompts += [prefix + [500 + j for j in range(n)] for n in (3, 21)]
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     together = [r.token_ids for r in engine.generate(prompts, greedy)]
     alone = [engine.generate([p], greedy)[0].token_ids for p in prompts]
@@ -372,21 +374,23 @@ LOAD_AND_GENERATE = textwrap.dedent("""
 @needs_gpu
 @pytest.mark.parametrize("kv", ["bf16", "fp8"])
 def test_fresh_prompts_prefill_from_graphs_and_keep_every_greedy_token(cuda_bundle, bundle_dir, kv):
-    """The engine's prompts through the captured prefill buckets give the tokens they give
-    through the program called directly (ARLE_PREFILL_GRAPHS=0); over an fp8 pool too,
-    which the graphs write through the same saturating cast."""
+    """The engine's prompts through the captured prefill buckets (fresh, and a prefix-cache
+    hit through a past bucket) give the tokens they give through the program called
+    directly (ARLE_PREFILL_GRAPHS=0); over an fp8 pool too, which the graphs write through
+    the same saturating cast and widen as they gather."""
     bundle = cuda_bundle if kv == "bf16" else build_tiny_cuda(bundle_dir, "tiny-fp8-kvfp8-cuda", "--quant", "fp8",
                                                                 "--kv-dtype", "fp8")
     graphs = load_and_generate(bundle)
     direct = load_and_generate(bundle, {**os.environ, "ARLE_PREFILL_GRAPHS": "0"})
-    assert graphs["prefill_graphs_off"] == "" and [1, 16] in graphs["prefill_buckets"], graphs["prefill_graphs_off"]
+    assert graphs["prefill_graphs_off"] == "" and [1, 16, 0] in graphs["prefill_buckets"], graphs["prefill_graphs_off"]
+    assert [1, 32, 128] in graphs["prefill_buckets"]  # the prefix-cache hit's bucket
     assert direct["prefill_buckets"] == [] and direct["prefill_graphs_off"] == "ARLE_PREFILL_GRAPHS=0"
     assert graphs["together"] == direct["together"] and graphs["alone"] == direct["alone"]
 
 
 @needs_gpu
 def test_load_compiles_nothing_and_batching_changes_no_greedy_token(cuda_bundle, tmp_path):
-    """Empty Triton and Inductor caches stay empty through load, graph capture and 11
+    """Empty Triton and Inductor caches stay empty through load, graph capture and 13
     requests decoded together (buckets 16, 8, ...) and one by one (bucket 1)."""
     caches = {"TRITON_CACHE_DIR": tmp_path / "triton", "TORCHINDUCTOR_CACHE_DIR": tmp_path / "inductor"}
     for path in caches.values():
