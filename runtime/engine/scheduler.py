@@ -194,8 +194,8 @@ class Scheduler:
         ones, whose tokens are known on the host. Every prompt in the plan must be
         `eligible` (the engine: plain greedy, so its token can stay on the device too).
         None when the step needs what this cannot give (a preemption, a prompt that is not
-        eligible at the head of the queue, a decode of a token already read) or has nothing
-        to do: then the engine reads the tokens first and schedules normally."""
+        eligible at the head of the queue, a decode of a token already read) or would
+        sample nothing: then the engine reads the tokens first and schedules normally."""
         running = sorted(self.running, key=lambda s: s.order)
         decodes = [s for s in running if s.last_token == PENDING and not self.will_stop_on_length(s)]
         prompts = [s for s in running if s.last_token != PENDING]
@@ -220,7 +220,9 @@ class Scheduler:
             if copies is None:
                 break  # it waits for pages, as in schedule()
             budget = self._admit_head(copies, plan, budget)
-        return plan if not plan.is_empty else None
+        # A step that samples nothing (only a prompt's first chunks) leaves no token on the
+        # device to read ahead of: plan it normally (what this admitted stays admitted).
+        return plan if plan.sampling else None
 
     def postprocess(self, plan: StepPlan, sampled: list[int]) -> list[StepOutput]:
         """Record a finished step: `sampled[i]` is the token drawn for `plan.sampling[i]`.

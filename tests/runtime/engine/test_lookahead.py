@@ -188,3 +188,21 @@ def test_lookahead_for_decodes_only_leaves_prompts_to_normal_steps(engine_sessio
     assert counts["admitted"] == 0 and shim.fed_rows > 0
     for index, prompt in enumerate(prompts):
         assert results[index].token_ids == _alone(engine_session, prompt).token_ids
+
+
+def test_a_long_prompt_arriving_as_the_last_sequence_ends_runs_without_a_failed_step(engine_session, caplog):
+    """The step planned ahead would hold only the long prompt's first chunk, which samples
+    nothing (no token to keep on the device): the engine plans it normally, no step fails,
+    and the request completes with the one-request loop's tokens."""
+    shim = FeedShim(engine_session.executor)
+    engine = _engine(engine_session, shim)
+    short, long = _prompts([6, 70], seed=24)  # the bundle's chunk is 32 tokens
+    engine.add_request(short, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    engine.step()  # its one token is in flight
+    rid = engine.add_request(long, GREEDY)
+    finals = {}
+    while engine.has_work:
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert finals[rid].finish_reason == "length"
+    assert finals[rid].result.token_ids == _alone(engine_session, long).token_ids
+    assert not [r for r in caplog.records if "step failed" in r.getMessage()]

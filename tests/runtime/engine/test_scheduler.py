@@ -216,3 +216,25 @@ def test_step_outputs_report_each_new_token_once():
         _, outputs = _step(sched, runner)
         streamed += [o.token for o in outputs if o.token is not None]
     assert streamed == seq.output_ids == reference(seq.prompt_ids, 6)
+
+
+def test_a_lookahead_step_that_would_sample_nothing_is_left_to_the_normal_path():
+    """The only running sequence ends on the token in flight and a long prompt arrives: a
+    planned-ahead step would hold just the prompt's first chunk, which samples no token,
+    so schedule_lookahead declines; the prompt stays admitted and the normal path runs
+    its chunks to the reference tokens."""
+    sched, runner = _engine(max_num_batched_tokens=16, max_batch=4, max_prefill_chunk=16)
+    short = _seq(range(1, 6), max_tokens=1)
+    sched.add(short)
+    plan = sched.schedule()
+    tokens = runner.step(plan)
+    sched.advance(plan)  # the engine's lookahead: the token stays PENDING on the device
+    long = _seq(range(100, 140), max_tokens=3)
+    sched.add(long)
+    assert sched.schedule_lookahead() is None
+    assert long.status is SequenceStatus.RUNNING and long.num_computed == 0  # admitted, pages reserved
+    sched.resolve(plan, tokens)
+    assert short.is_finished and short.output_ids == reference(short.prompt_ids, 1)
+    drive(sched, runner)
+    assert long.output_ids == reference(long.prompt_ids, 3)
+    assert sched.pages.stats()["kv_pages_in_use"] == 0
