@@ -85,6 +85,11 @@ def pick_bucket(buckets, rows: int, width: int, past: int = 0) -> tuple[int, int
 Bucket = tuple[int, int, int]  # rows, tokens, past
 
 
+def _even(n: int) -> int:
+    """n rounded up to even: int64 segments of an even length keep the next one 16-byte aligned."""
+    return n + n % 2
+
+
 class PrefillGraphs:
     """One captured prefill call per bucket over one KV pool. With `use_graphs` False the
     same padded step runs without capture (the CPU tests, and profiling)."""
@@ -110,7 +115,7 @@ class PrefillGraphs:
         # a [rows, vocab] float32 output per graph would hold ~0.2 GB at Qwen3's vocabulary.
         self._logits: torch.Tensor | None = None
         for rows, width, past in self.buckets:
-            size = rows * (3 * width + 2 + past)
+            size = rows * (3 * width + past) + 2 * _even(rows)
             self._inputs[rows, width, past] = torch.zeros(size, dtype=torch.long, device=self.device)
             hosts = [torch.zeros(size, dtype=torch.long) for _ in range(2)]
             self._hosts[rows, width, past] = [h.pin_memory() for h in hosts] if self.device.type == "cuda" else hosts
@@ -142,6 +147,7 @@ class PrefillGraphs:
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = self._step(bucket)
                 self._logits[: logits.shape[0]].copy_(logits)
+            graph.replay()  # a graph's first replay uploads it: 6-20 ms on an H100, not on a request's path
             self._graphs[bucket] = graph
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -165,12 +171,14 @@ class PrefillGraphs:
         return time_replays(self._graphs[bucket], replays)
 
     def _views(self, flat, bucket: Bucket):
-        """(tokens, positions, slots [rows, tokens], last, past_lens [rows], past_slots [rows, past])."""
+        """(tokens, positions, slots [rows, tokens], last, past_lens [rows], past_slots [rows, past]).
+        Every view starts 16 bytes into the buffer or a multiple of that: the program copies a
+        misaligned input on each call (AOTInductor warned of it on an H100)."""
         rows, width, past = bucket
-        seg = rows * width
+        seg, pad = rows * width, _even(rows)
         tokens, positions, slots = (flat[i * seg:(i + 1) * seg].reshape(rows, width) for i in range(3))
-        last, past_lens = flat[3 * seg:3 * seg + rows], flat[3 * seg + rows:3 * seg + 2 * rows]
-        return tokens, positions, slots, last, past_lens, flat[3 * seg + 2 * rows:].reshape(rows, past)
+        last, past_lens = flat[3 * seg:3 * seg + rows], flat[3 * seg + pad:3 * seg + pad + rows]
+        return tokens, positions, slots, last, past_lens, flat[3 * seg + 2 * pad:].reshape(rows, past)
 
     def _fill(self, bucket, token_rows, slot_rows, starts, past_slot_rows) -> None:
         """Write a call into this turn's host buffer. Padding: a row's extra tokens repeat
